@@ -1,0 +1,52 @@
+"""One place that turns a URL into an fsspec filesystem, honouring the standard AWS environment."""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+__all__ = ["filesystem", "is_local", "redact"]
+
+
+def _s3_options(options: dict[str, Any]) -> dict[str, Any]:
+    opts = dict(options)
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    client_kwargs = dict(opts.get("client_kwargs") or {})
+    if endpoint and "endpoint_url" not in opts and "endpoint_url" not in client_kwargs:
+        client_kwargs["endpoint_url"] = endpoint
+    if client_kwargs:
+        opts["client_kwargs"] = client_kwargs
+    # Manifests are re-listed to see other machines' parts: never trust a cached listing.
+    opts.setdefault("use_listings_cache", False)
+    opts.setdefault("skip_instance_cache", False)
+    # Retries with backoff on 5xx/throttling are botocore's job; give it room.
+    config_kwargs = dict(opts.get("config_kwargs") or {})
+    config_kwargs.setdefault("retries", {"max_attempts": 8, "mode": "adaptive"})
+    opts["config_kwargs"] = config_kwargs
+    return opts
+
+
+def filesystem(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path inside it) for a local path or any fsspec URL."""
+    options = dict(storage_options or {})
+    protocol = url.split("://", 1)[0] if "://" in url else "file"
+    if protocol in ("s3", "s3a"):
+        options = _s3_options(options)
+    fs, path = fsspec.core.url_to_fs(url, **options)
+    return fs, path
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return isinstance(fs, LocalFileSystem)
+
+
+_SECRET = re.compile(r"(?i)(secret|token|password|credential|signature|x-amz-[a-z-]+)=([^&\s]+)")
+
+
+def redact(text: str) -> str:
+    """Strip query-string secrets (signed URLs in the SA-1B links file) from text shown to users."""
+    return _SECRET.sub(lambda m: f"{m.group(1)}=***", text)

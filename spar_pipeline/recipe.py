@@ -1,0 +1,279 @@
+"""Recipes: the TOML presets in ``stages/`` loaded into frozen, typed objects.
+
+A recipe is the one place where the paper's numbers live, so the dataclasses below give
+defaults only to operational knobs (worker counts, codecs); every number of the method is
+a required key and a missing one is an error naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from spar_pipeline.resources import stages_dir
+
+__all__ = [
+    "RecipeError",
+    "Recipe",
+    "list_recipes",
+    "load_recipe",
+    "recipe_from_dict",
+    "recipe_to_dict",
+    "recipe_fingerprint",
+    "recipe_diff",
+]
+
+
+class RecipeError(ValueError):
+    """A recipe file is wrong; the message names the file, the key and what is allowed."""
+
+
+def _positive(v: Any) -> str | None:
+    return None if v >= 1 else "must be ≥ 1"
+
+
+def _non_negative(v: Any) -> str | None:
+    return None if v >= 0 else "must be ≥ 0"
+
+
+def _probability(v: Any) -> str | None:
+    return None if 0.0 <= v <= 1.0 else "must be in [0, 1]"
+
+
+def _pair_positive(v: Any) -> str | None:
+    return None if len(v) == 2 and all(x >= 1 for x in v) else "must be two numbers ≥ 1"
+
+
+def _ratio_range(v: Any) -> str | None:
+    return None if len(v) == 2 and 0 < v[0] <= v[1] else "must be [low, high] with 0 < low ≤ high"
+
+
+def _choice(*allowed: str):
+    def check(v: Any) -> str | None:
+        return None if v in allowed else f"must be one of {', '.join(allowed)}"
+
+    return check
+
+
+def _check(fn):
+    return {"check": fn}
+
+
+@dataclass(frozen=True)
+class RecipeInfo:
+    name: str  # preset name, shown in reports
+    backbone: str  # a name of spar_pipeline.backbones.list_backbones()
+    seed: int = field(metadata=_check(_non_negative))  # drives every random draw (augment, split, order)
+    checkpoint: str = ""  # weights: "", a local file, or an open_clip pretrained tag
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    max_id: int = field(metadata=_check(_non_negative))  # keep sa_<id> with id ≤ max_id; 0 keeps all
+    max_pixels: int = field(metadata=_check(_positive))  # decompression-bomb limit, pixels per image
+    workers: int = field(default=2, metadata=_check(_positive))  # tars decoded in parallel
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    scale: tuple[int, int] = field(metadata=_check(_pair_positive))  # RandomResize target (long, short)
+    ratio_range: tuple[float, float] = field(metadata=_check(_ratio_range))  # r ~ U[low, high)
+    min_side: int = field(metadata=_check(_positive))  # every final side ≥ this (the window K)
+    prob_crop: float = field(metadata=_check(_probability))  # crop instead of the full image
+    crop_min_frac: float = field(metadata=_check(_probability))  # crop side ~ U[frac·L, L]
+    snap: int = field(metadata=_check(_positive))  # sides snapped down to a multiple of this
+    prob_flip: float = field(metadata=_check(_probability))  # horizontal flip
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    window: int = field(metadata=_check(_positive))  # teacher window K (the backbone's native size)
+    stride: int = field(metadata=_check(_positive))  # teacher stride s (paper: 24)
+    window_batch: int = field(metadata=_check(_positive))  # windows per forward, may span images
+    precision: str = field(metadata=_check(_choice("fp16", "bf16", "fp32")))  # autocast dtype on GPU
+    images_per_task: int = field(default=8, metadata=_check(_positive))  # images in one unit of work
+    codec: str = field(default="zstd", metadata=_check(_choice("zstd", "blosc", "none")))
+    codec_level: int = field(default=3, metadata=_check(_non_negative))
+    retries: int = field(default=3, metadata=_check(_non_negative))  # a failed batch is retried this often
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = field(metadata=_check(_positive))
+    lr: float = field(metadata=_check(lambda v: None if v > 0 else "must be > 0"))
+    weight_decay: float = field(metadata=_check(_non_negative))
+    batch_size: int = field(metadata=_check(_positive))  # per device; the method uses 1
+    trainable: str  # set_trainable spec, e.g. "blk_-1,blk_-2"
+    precision: str = field(metadata=_check(_choice("fp16", "bf16", "fp32")))  # autocast dtype on GPU
+    holdout_fraction: float = field(metadata=_check(_probability))  # images never trained on
+    checkpoint_every: int = field(default=200, metadata=_check(_positive))  # steps between checkpoints
+    loader_workers: int = field(default=2, metadata=_check(_non_negative))
+
+
+@dataclass(frozen=True)
+class DatasetEval:
+    logit_scale: float
+    logit_bias: float = 0.0
+    prob_thd: float = field(default=0.0, metadata=_check(_probability))
+    area_thd: float = field(default=0.0, metadata=_check(_probability))  # 0 = off
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    resize: tuple[int, int] = field(metadata=_check(_pair_positive))  # keep-ratio resize (long, short)
+    cityscapes_resize: tuple[int, int] = field(metadata=_check(_pair_positive))
+    window_batch: int = field(metadata=_check(_positive))  # sliding sub-batch (paper: 60)
+    strides: tuple[int, ...]  # sliding-window strides evaluated
+    timing_warmup: int = field(metadata=_check(_non_negative))  # passes before the timed one
+    datasets: dict[str, DatasetEval] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    recipe: RecipeInfo
+    ingest: IngestConfig
+    augment: AugmentConfig
+    extract: ExtractConfig
+    train: TrainConfig
+    evaluate: EvaluateConfig
+
+    @property
+    def name(self) -> str:
+        return self.recipe.name
+
+    @property
+    def fingerprint(self) -> str:
+        return recipe_fingerprint(self)
+
+
+def _convert(cls: type, data: Any, where: str, source: str) -> Any:
+    """Build dataclass ``cls`` from a TOML table, checking keys, types and ranges."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source} [{where}]: must be a table")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise RecipeError(
+            f"{source} [{where}].{unknown[0]}: unknown key; allowed: {', '.join(fields)}"
+        )
+    values = {}
+    for name, f in fields.items():
+        key = f"{source} [{where}].{name}"
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise RecipeError(f"{key}: missing (required)")
+            continue
+        values[name] = _coerce(hints[name], data[name], key, where, name, source)
+        check = f.metadata.get("check")
+        if check is not None:
+            problem = check(values[name])
+            if problem:
+                raise RecipeError(f"{key}={data[name]!r}: {problem}")
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, key: str, where: str, name: str, source: str) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return _convert(hint, value, f"{where}.{name}", source)
+    if origin is dict:
+        _, vt = typing.get_args(hint)
+        if not isinstance(value, dict):
+            raise RecipeError(f"{key}: must be a table")
+        return {k: _coerce(vt, v, f"{key}.{k}", f"{where}.{name}", k, source) for k, v in value.items()}
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise RecipeError(f"{key}={value!r}: must be a list")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v, key, where, name, source) for v in value)
+        if len(value) != len(args):
+            raise RecipeError(f"{key}={value!r}: must have {len(args)} items")
+        return tuple(_coerce(a, v, key, where, name, source) for a, v in zip(args, value))
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RecipeError(f"{key}={value!r}: must be a number")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RecipeError(f"{key}={value!r}: must be an integer")
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise RecipeError(f"{key}={value!r}: must be a string")
+        return value
+    raise RecipeError(f"{key}: unsupported type {hint}")  # pragma: no cover - schema bug
+
+
+def recipe_from_dict(data: dict, source: str = "<recipe>") -> Recipe:
+    """Typed recipe from a plain dict (a parsed TOML file or a frozen run.toml)."""
+    recipe = _convert(Recipe, data, "", source)
+    ex = recipe.extract
+    if recipe.augment.min_side < ex.window:
+        raise RecipeError(
+            f"{source} [augment].min_side={recipe.augment.min_side}: must be ≥ [extract].window={ex.window}"
+        )
+    return recipe
+
+
+def list_recipes() -> list[str]:
+    return sorted(p.stem for p in stages_dir().glob("*.toml"))
+
+
+def load_recipe(name_or_path: str | Path) -> Recipe:
+    """Load a preset by name (``tiny-cpu``) or a TOML file by path."""
+    path = Path(name_or_path)
+    if not path.suffix == ".toml" or not path.exists():
+        candidate = stages_dir() / f"{name_or_path}.toml"
+        if candidate.exists():
+            path = candidate
+        elif not path.exists():
+            raise RecipeError(
+                f"recipe {name_or_path!r}: not a file and not a preset; available: {', '.join(list_recipes())}"
+            )
+    source = f"stages/{path.name}" if path.parent == stages_dir() else str(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise RecipeError(f"{source}: not valid TOML: {e}") from None
+    return recipe_from_dict(data, source)
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    """Plain dict (lists, not tuples) that round-trips through TOML."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, (tuple, list)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(recipe))
+
+
+def recipe_fingerprint(recipe: Recipe) -> str:
+    blob = json.dumps(recipe_to_dict(recipe), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def recipe_diff(a: Recipe, b: Recipe) -> list[str]:
+    """Dotted keys whose values differ, e.g. ``extract.stride``."""
+    out: list[str] = []
+
+    def walk(x: Any, y: Any, prefix: str) -> None:
+        if isinstance(x, dict) and isinstance(y, dict):
+            for k in sorted(set(x) | set(y)):
+                walk(x.get(k), y.get(k), f"{prefix}.{k}" if prefix else k)
+        elif x != y:
+            out.append(prefix)
+
+    walk(recipe_to_dict(a), recipe_to_dict(b), "")
+    return out

@@ -1,0 +1,111 @@
+"""The run folder: one URL that holds the frozen recipe, manifests, store, checkpoints, reports.
+
+Layout: ``RUN/run.toml`` (recipe + fingerprint), ``RUN/manifests/<stage>/``,
+``RUN/features.zarr``, ``RUN/checkpoints/``, ``RUN/reports/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+import uuid
+from typing import Any
+
+import tomli_w
+
+from spar_pipeline.fsutil import filesystem, is_local, redact
+from spar_pipeline.recipe import Recipe, load_recipe, recipe_diff, recipe_from_dict, recipe_to_dict
+
+__all__ = ["Run", "RunError"]
+
+RUN_FILE = "run.toml"
+
+
+class RunError(RuntimeError):
+    """The run folder cannot be used as asked; the message says why and how to fix it."""
+
+
+class Run:
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None):
+        self.url = url.rstrip("/") if "://" in url else os.path.abspath(url)
+        self.storage_options = dict(storage_options or {})
+        self.fs, self.root = filesystem(self.url, self.storage_options)
+        self._recipe: Recipe | None = None
+
+    def __repr__(self) -> str:
+        return f"Run({redact(self.url)!r})"
+
+    @property
+    def local(self) -> bool:
+        return is_local(self.fs)
+
+    def path(self, *parts: str) -> str:
+        """Path inside ``self.fs``."""
+        return "/".join([self.root.rstrip("/"), *parts])
+
+    def url_for(self, *parts: str) -> str:
+        """Full URL of a member, for components that open their own filesystem (the store)."""
+        return "/".join([self.url, *parts])
+
+    # ---- small I/O helpers shared by stages -------------------------------------------
+    def exists(self, *parts: str) -> bool:
+        return self.fs.exists(self.path(*parts))
+
+    def read_bytes(self, *parts: str) -> bytes:
+        return self.fs.cat_file(self.path(*parts))
+
+    def write_bytes_atomic(self, data: bytes, *parts: str) -> None:
+        """Whole-or-nothing write: rename on local disk, one PUT on object stores."""
+        target = self.path(*parts)
+        parent = target.rsplit("/", 1)[0]
+        if self.local:
+            os.makedirs(parent, exist_ok=True)
+            tmp = f"{parent}/.tmp-{uuid.uuid4().hex}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        else:
+            self.fs.pipe_file(target, data)
+
+    # ---- recipe -------------------------------------------------------------------------
+    def frozen_recipe(self) -> Recipe | None:
+        if not self.exists(RUN_FILE):
+            return None
+        data = tomllib.loads(self.read_bytes(RUN_FILE).decode())
+        data.pop("fingerprint", None)
+        return recipe_from_dict(data, source=f"{redact(self.url)}/{RUN_FILE}")
+
+    def resolve_recipe(self, recipe: Recipe | str | None = None) -> Recipe:
+        """The run's recipe: freeze the given one on first use, refuse a different one later."""
+        if isinstance(recipe, str):
+            recipe = load_recipe(recipe)
+        frozen = self.frozen_recipe()
+        if frozen is None:
+            if recipe is None:
+                raise RunError(
+                    f"{redact(self.url)}: no {RUN_FILE} yet; start the run with a recipe, e.g. --recipe tiny-cpu"
+                )
+            data = recipe_to_dict(recipe)
+            data["fingerprint"] = recipe.fingerprint
+            self.write_bytes_atomic(tomli_w.dumps(data).encode(), RUN_FILE)
+            frozen = recipe
+        elif recipe is not None and recipe.fingerprint != frozen.fingerprint:
+            keys = ", ".join(recipe_diff(frozen, recipe))
+            raise RunError(
+                f"{redact(self.url)} was started with recipe {frozen.name!r}; the given recipe differs in: {keys}. "
+                "Use a new --run, or drop --recipe to continue with the frozen one."
+            )
+        self._recipe = frozen
+        return frozen
+
+    @property
+    def recipe(self) -> Recipe:
+        if self._recipe is None:
+            self._recipe = self.resolve_recipe(None)
+        return self._recipe
+
+    def write_json(self, obj: Any, *parts: str) -> None:
+        self.write_bytes_atomic(json.dumps(obj, indent=2, sort_keys=True).encode(), *parts)
