@@ -76,6 +76,7 @@ class Run:
             return None
         data = tomllib.loads(self.read_bytes(RUN_FILE).decode())
         data.pop("fingerprint", None)
+        data.pop("teacher", None)
         return recipe_from_dict(data, source=f"{redact(self.url)}/{RUN_FILE}")
 
     def resolve_recipe(self, recipe: Recipe | str | None = None) -> Recipe:
@@ -106,6 +107,20 @@ class Run:
         if self._recipe is None:
             self._recipe = self.resolve_recipe(None)
         return self._recipe
+
+    def record_teacher(self, fingerprint: dict) -> None:
+        """Add the teacher fingerprint to run.toml once; a different one later is refused."""
+        data = tomllib.loads(self.read_bytes(RUN_FILE).decode())
+        old = data.get("teacher")
+        if old is None:
+            data["teacher"] = fingerprint
+            self.write_bytes_atomic(tomli_w.dumps(data).encode(), RUN_FILE)
+        elif old != fingerprint:
+            keys = ", ".join(k for k in sorted(set(old) | set(fingerprint)) if old.get(k) != fingerprint.get(k))
+            raise RunError(
+                f"{redact(self.url)}: the teacher differs from the one this run was extracted with ({keys}); "
+                "use a new --run for another teacher"
+            )
 
     def write_json(self, obj: Any, *parts: str) -> None:
         self.write_bytes_atomic(json.dumps(obj, indent=2, sort_keys=True).encode(), *parts)

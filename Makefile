@@ -1,0 +1,31 @@
+# The two commands of the README. Each builds the environment when it is missing.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+STAMP   = $(VENV)/.installed
+RUN    ?= runs/demo
+
+.PHONY: demo test env bench clean-demo
+
+env: $(STAMP)
+
+# torch and torchvision first, from the one constraints file, so nothing else can pull an
+# unpinned (multi-GB CUDA) build; then the package and its test extras against the same pins.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/pip install -q -c constraints.txt torch torchvision
+	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/spar-pipeline run --run $(RUN)
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q -ra --durations=15
+
+bench: $(STAMP)
+	$(BIN)/python -m bench all --quick
+
+clean-demo:
+	rm -rf $(RUN)

@@ -1,0 +1,83 @@
+"""Where work runs: one Dask cluster per stage invocation, or an existing scheduler.
+
+Stage logic never knows where it runs; this module decides. A local cluster uses worker
+*processes* (one per GPU, each seeing only its own device through CUDA_VISIBLE_DEVICES, or N
+CPU workers), so the client never initialises CUDA. ``--scheduler`` attaches to a cluster whose
+workers were started elsewhere with ``dask worker tcp://HOST:8786 --resources GPU=1``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+from typing import Iterator
+
+__all__ = ["Engine", "open_engine"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Engine:
+    client: "distributed.Client"  # noqa: F821
+    resources: dict[str, int] | None  # per-task resources to ask for (GPU=1 on GPU clusters)
+    description: str
+
+    @property
+    def n_workers(self) -> int:
+        return len(self.client.scheduler_info().get("workers", {}))
+
+
+def _cpu_threads(workers: int) -> str:
+    return str(max(1, (os.cpu_count() or 1) // max(workers, 1)))
+
+
+@contextlib.contextmanager
+def open_engine(
+    gpus: list[int] | None = None, workers: int | None = None, scheduler: str | None = None
+) -> Iterator[Engine]:
+    import dask
+    from distributed import Client, LocalCluster, Nanny, Scheduler, SpecCluster
+
+    # A worker that dies mid-task makes the scheduler resubmit it elsewhere; allow a few deaths.
+    with dask.config.set({"distributed.scheduler.allowed-failures": 3, "distributed.worker.daemon": False}):
+        if scheduler:
+            client = Client(scheduler, timeout="30s")
+            info = client.scheduler_info().get("workers", {})
+            has_gpu = any(w.get("resources", {}).get("GPU") for w in info.values())
+            try:
+                yield Engine(client, {"GPU": 1} if has_gpu else None, f"scheduler {scheduler} ({len(info)} workers)")
+            finally:
+                client.close()
+            return
+        if gpus:
+            env = lambda g: {"CUDA_VISIBLE_DEVICES": str(g), "OMP_NUM_THREADS": _cpu_threads(len(gpus))}  # noqa: E731
+            specs = {
+                f"gpu{g}": {"cls": Nanny, "options": {"nthreads": 1, "resources": {"GPU": 1}, "env": env(g)}}
+                for g in gpus
+            }
+            cluster = SpecCluster(
+                workers=specs,
+                scheduler={"cls": Scheduler, "options": {"dashboard_address": None}},
+                silence_logs=logging.WARNING,
+            )
+            resources, desc = {"GPU": 1}, f"{len(gpus)} GPU worker(s) on GPUs {','.join(map(str, gpus))}"
+        else:
+            n = workers or 1
+            cluster = LocalCluster(
+                n_workers=n,
+                threads_per_worker=1,
+                processes=True,
+                dashboard_address=None,
+                silence_logs=logging.WARNING,
+                env={"OMP_NUM_THREADS": _cpu_threads(n), "CUDA_VISIBLE_DEVICES": ""},
+            )
+            resources, desc = None, f"{n} CPU worker process(es)"
+        client = Client(cluster)
+        try:
+            yield Engine(client, resources, desc)
+        finally:
+            client.close()
+            cluster.close()

@@ -1,0 +1,296 @@
+"""The ``extract`` stage: run the sliding-window teacher over every augmented image.
+
+The client plans batches of pending images (sorted by size so windows batch well) and
+submits them to the engine; each worker task decodes its images in background threads,
+runs the teacher with windows batched across images, writes each map to the store in a
+background thread, and only then appends the batch's manifest part. A worker that dies
+costs its batch, which Dask reruns elsewhere; a killed client is resumed by rerunning.
+
+Concurrency: writes are idempotent (one array per image, whole-map chunks, same bytes for
+the same input on CPU), so two extracts on one run may duplicate work but never corrupt it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import socket
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+
+from spar_pipeline import manifest
+from spar_pipeline.run import Run
+
+__all__ = ["ExtractSpec", "teacher_fingerprint", "extract_batch", "run", "plan"]
+
+log = logging.getLogger(__name__)
+STORE = "features.zarr"
+
+
+@dataclass(frozen=True)
+class ExtractSpec:
+    """Everything a worker needs, picklable and free of live objects."""
+
+    run_url: str
+    storage_options: dict
+    backbone: str
+    checkpoint: str
+    window: int
+    stride: int
+    window_batch: int
+    precision: str
+    max_pixels: int
+    fingerprint: dict
+
+
+def teacher_fingerprint(run: Run, weights_digest: str, patch: int) -> dict:
+    """What makes two teacher maps comparable; a store with another fingerprint is refused."""
+    from spar_pipeline.windows import upsample_factor
+
+    r = run.recipe
+    aug = json.dumps({"seed": r.recipe.seed, **asdict(r.augment)}, sort_keys=True, default=list)
+    fp = {
+        "backbone": r.recipe.backbone,
+        "weights": weights_digest,
+        "window": r.extract.window,
+        "stride": r.extract.stride,
+        "patch": patch,
+        "upsample": upsample_factor(patch, r.extract.stride),
+        "dtype": "float16",
+        "augment": hashlib.sha256(aug.encode()).hexdigest()[:16],
+    }
+    fp["digest"] = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
+    return fp
+
+
+# ---- worker side ------------------------------------------------------------------------
+
+_MODELS: dict[tuple, Any] = {}
+
+
+def _device():
+    import torch
+
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _model(spec: ExtractSpec):
+    """One frozen teacher per worker process, built on first use."""
+    key = (spec.backbone, spec.checkpoint)
+    if key not in _MODELS:
+        import torch
+
+        from spar_pipeline.backbones import build
+
+        torch.set_float32_matmul_precision("medium")  # reference: fp32 matmul precision "medium"
+        b = build(spec.backbone, checkpoint=spec.checkpoint or None).eval().to(_device())
+        for p in b.parameters():
+            p.requires_grad_(False)
+        if b.weights_digest != spec.fingerprint["weights"]:
+            raise RuntimeError(
+                f"worker {_worker_id()}: weights of {spec.backbone} differ from the client's "
+                f"({b.weights_digest} != {spec.fingerprint['weights']}); give every machine the same checkpoint"
+            )
+        _MODELS.clear()
+        _MODELS[key] = b
+    return _MODELS[key]
+
+
+def _worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _autocast_dtype(spec: ExtractSpec, device):
+    import torch
+
+    if device.type != "cuda" or spec.precision == "fp32":
+        return None  # float32 on CPU
+    return torch.bfloat16 if spec.precision == "bf16" else torch.float16
+
+
+def _normalise(img, backbone, device):
+    import torch
+
+    x = img.to(device, non_blocking=True).float().div_(255.0)
+    mean = torch.tensor(backbone.mean, device=device).view(3, 1, 1)
+    std = torch.tensor(backbone.std, device=device).view(3, 1, 1)
+    return (x - mean) / std
+
+
+def _windows(img, spec: ExtractSpec) -> int:
+    from spar_pipeline.windows import window_starts
+
+    return len(window_starts(img.shape[-2], spec.window, spec.stride)) * len(
+        window_starts(img.shape[-1], spec.window, spec.stride))
+
+
+def _reject(item: dict, reason: str, fp: dict, worker: str) -> dict:
+    return dict(image_id=item["image_id"], status="rejected", reason=reason, grid_h=0, grid_w=0, dim=0,
+                checksum="", windows=0, seconds=0.0, worker=worker, fingerprint=fp["digest"])
+
+
+def extract_batch(spec: ExtractSpec, items: list[dict]) -> dict:
+    """Teacher maps for one batch of images; writes maps, then one manifest part.
+
+    ``items`` hold the merged ingest + augment rows of each image. Returns a small report
+    for the client's progress display.
+    """
+    from spar_pipeline.augment import augmented_from_rows
+    from spar_pipeline.store import FeatureStore, map_checksum
+    from spar_pipeline.windows import sliding_features_many
+
+    t0 = time.perf_counter()
+    worker = _worker_id()
+    backbone = _model(spec)
+    device = _device()
+    store = FeatureStore.open(f"{spec.run_url}/{STORE}", storage_options=spec.storage_options,
+                              fingerprint=spec.fingerprint)
+    run = Run(spec.run_url, spec.storage_options)
+    fp = spec.fingerprint
+    rows: list[dict] = []
+    n_windows = 0
+    forward_seconds = 0.0
+
+    def load(item: dict):
+        try:
+            return augmented_from_rows(item["ingest"], item["augment"], spec.max_pixels, spec.storage_options)
+        except ValueError as e:  # ImageRejected and size mismatches: bad input, not a crash
+            return e
+
+    # Decode ahead in threads while the model works; write maps behind it.
+    with ThreadPoolExecutor(2, thread_name_prefix="decode") as decoder, \
+            ThreadPoolExecutor(2, thread_name_prefix="write") as writer:
+        decoded = [decoder.submit(load, it) for it in items]
+        writes = []
+        group: list[tuple[dict, Any]] = []
+        group_windows = 0
+
+        def flush() -> None:
+            nonlocal group, group_windows, n_windows, forward_seconds
+            if not group:
+                return
+            images = [_normalise(img, backbone, device) for _, img in group]
+            tf = time.perf_counter()
+            maps = sliding_features_many(backbone, images, spec.window, spec.stride, batch=spec.window_batch,
+                                         autocast_dtype=_autocast_dtype(spec, device))
+            elapsed = time.perf_counter() - tf
+            forward_seconds += elapsed
+            for (item, img), fmap in zip(group, maps):
+                wins = _windows(img, spec)
+                n_windows += wins
+                arr = fmap.float().cpu().numpy()
+                if not np.isfinite(arr).all():
+                    log.warning("image %s: teacher map holds NaN/Inf; rejected", item["image_id"])
+                    rows.append(_reject(item, "teacher map holds NaN or Inf", fp, worker))
+                    continue
+                half = arr.astype(np.float16)
+                if not np.isfinite(half).all():
+                    rows.append(_reject(item, "teacher map overflows float16", fp, worker))
+                    continue
+                secs = elapsed * wins / max(group_windows, 1)
+                writes.append((item, half, secs, wins, writer.submit(
+                    store.write, item["image_id"], half, {"fingerprint": fp["digest"]})))
+            group, group_windows = [], 0
+
+        for item, fut in zip(items, decoded):
+            img = fut.result()
+            if isinstance(img, Exception):
+                log.warning("image %s: %s; rejected", item["image_id"], img)
+                rows.append(_reject(item, f"decode: {img}", fp, worker))
+                continue
+            group.append((item, img))
+            group_windows += _windows(img, spec)
+            if group_windows >= spec.window_batch:
+                flush()
+        flush()
+        for item, half, secs, wins, fut in writes:
+            checksum = fut.result()  # a failed write raises here: no row for work not written
+            h, w, d = half.shape
+            rows.append(dict(image_id=item["image_id"], status="ok", reason="", grid_h=h, grid_w=w, dim=d,
+                             checksum=checksum or map_checksum(half), windows=wins, seconds=secs, worker=worker,
+                             fingerprint=fp["digest"]))
+    manifest.write_part(run, "extract", rows)
+    return dict(worker=worker, done=sum(r["status"] == "ok" for r in rows),
+                rejected=sum(r["status"] == "rejected" for r in rows), windows=n_windows,
+                seconds=time.perf_counter() - t0, forward_seconds=forward_seconds)
+
+
+# ---- client side ------------------------------------------------------------------------
+
+def plan(run: Run, limit: int | None = None) -> list[dict]:
+    """Pending images with their ingest and augment rows, largest first."""
+    ingest = {r["image_id"]: r for r in manifest.read_manifest(run, "ingest").to_pylist()}
+    todo = manifest.pending(manifest.read_manifest(run, "augment"), manifest.read_manifest(run, "extract"))
+    items = [dict(image_id=a["image_id"], ingest=ingest[a["image_id"]], augment=a)
+             for a in todo.to_pylist() if a["image_id"] in ingest]
+    items.sort(key=lambda it: (-(it["augment"]["height"] * it["augment"]["width"]), it["image_id"]))
+    return items[:limit] if limit else items
+
+
+def _batches(items: list[dict], size: int) -> list[list[dict]]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def run(run: Run, *, gpus: list[int] | None = None, workers: int | None = None, scheduler: str | None = None,
+        window_batch: int | None = None, limit: int | None = None, progress: bool = True) -> dict:
+    from distributed import as_completed
+
+    from spar_pipeline.backbones import build
+    from spar_pipeline.engine import open_engine
+    from spar_pipeline.progress import StageProgress
+    from spar_pipeline.store import FeatureStore
+
+    recipe = run.recipe
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    t0 = time.perf_counter()
+    # Built on CPU only to fingerprint the weights: the client never initialises CUDA.
+    probe = build(recipe.recipe.backbone, checkpoint=recipe.recipe.checkpoint or None)
+    fp = teacher_fingerprint(run, probe.weights_digest, probe.patch_size)
+    del probe
+    run.record_teacher(fp)
+    FeatureStore.create(run.url_for(STORE), fp, storage_options=run.storage_options,
+                        codec=recipe.extract.codec, level=recipe.extract.codec_level)
+    items = plan(run, limit)
+    if not items:
+        log.info("extract: nothing pending")
+        return dict(done=0, rejected=0, windows=0, seconds=0.0)
+    spec = ExtractSpec(run.url, run.storage_options, recipe.recipe.backbone, recipe.recipe.checkpoint,
+                       recipe.extract.window, recipe.extract.stride, window_batch or recipe.extract.window_batch,
+                       recipe.extract.precision, recipe.ingest.max_pixels, fp)
+    batches = _batches(items, recipe.extract.images_per_task)
+    totals = dict(done=0, rejected=0, windows=0, forward_seconds=0.0)
+    per_worker: dict[str, int] = {}
+    with open_engine(gpus, workers, scheduler) as engine:
+        log.info("extract: %d images in %d batches on %s", len(items), len(batches), engine.description)
+        futures = [
+            engine.client.submit(extract_batch, spec, b, resources=engine.resources, retries=recipe.extract.retries,
+                                 pure=False, key=f"extract-{b[0]['image_id']}-{uuid.uuid4().hex[:8]}")
+            for b in batches
+        ]
+        with StageProgress("extract", total=len(items), enabled=progress) as bar:
+            for fut in as_completed(futures):
+                rep = fut.result()
+                for k in ("done", "rejected", "windows", "forward_seconds"):
+                    totals[k] += rep[k]
+                per_worker[rep["worker"]] = per_worker.get(rep["worker"], 0) + rep["done"] + rep["rejected"]
+                bar.update(rep["done"] + rep["rejected"], windows=rep["windows"], workers=per_worker)
+    seconds = time.perf_counter() - t0
+    finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    manifest.write_part(run, "summary", [dict(
+        stage="extract", started=started, finished=finished, done=totals["done"], rejected=totals["rejected"],
+        seconds=seconds, items_per_second=(totals["done"] + totals["rejected"]) / seconds,
+        windows_per_second=totals["windows"] / seconds, workers=json.dumps(per_worker))])
+    manifest.compact(run, "extract")
+    report = dict(totals, seconds=round(seconds, 2), images_per_second=round(totals["done"] / seconds, 3),
+                  windows_per_second=round(totals["windows"] / seconds, 1), workers=len(per_worker))
+    log.info("extract: %s", report)
+    return report
