@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from spar_pipeline.fsutil import redact
 from spar_pipeline.resources import manifests_dir
 from spar_pipeline.run import Run
 
@@ -128,9 +129,10 @@ def _part_names(run: Run, stage: str) -> list[str]:
 
 
 def _quarantine(run: Run, stage: str, name: str, why: str) -> None:
-    log.warning("manifest %s/%s: unreadable part %s (%s); moved to quarantine/, its rows count as not done",
-                stage, run.url, name, why)
+    log.warning("%s/manifests/%s/%s: unreadable part (%s); moved to quarantine/, its rows count as not done",
+                redact(run.url), stage, name, why)
     try:
+        run.fs.makedirs(run.path("manifests", stage, "quarantine"), exist_ok=True)
         run.fs.mv(run.path("manifests", stage, name), run.path("manifests", stage, "quarantine", name))
     except (FileNotFoundError, OSError):  # another reader moved it first
         pass
@@ -151,7 +153,7 @@ def _read_parts(run: Run, stage: str) -> tuple[list[str], list[pa.Table]]:
             continue
         meta = table.schema.metadata or {}
         version = meta.get(_META_VERSION, b"?").decode()
-        where = f"{run.url}/manifests/{stage}/{name}"
+        where = f"{redact(run.url)}/manifests/{stage}/{name}"
         if meta.get(_META_STAGE, b"").decode() != stage or version != str(sch.version):
             raise ManifestError(
                 f"{where}: schema {meta.get(_META_STAGE, b'?').decode()} v{version}, this spar-pipeline reads "

@@ -162,10 +162,12 @@ def _convert(cls: type, data: Any, where: str, source: str) -> Any:
     if unknown:
         raise RecipeError(
             f"{source} [{where}].{unknown[0]}: unknown key; allowed: {', '.join(fields)}"
+            if where
+            else f"{source} [{unknown[0]}]: unknown table; allowed: {', '.join(fields)}"
         )
     values = {}
     for name, f in fields.items():
-        key = f"{source} [{where}].{name}"
+        key = f"{source} [{where}].{name}" if where else f"{source} [{name}]"
         if name not in data:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise RecipeError(f"{key}: missing (required)")
@@ -182,7 +184,7 @@ def _convert(cls: type, data: Any, where: str, source: str) -> Any:
 def _coerce(hint: Any, value: Any, key: str, where: str, name: str, source: str) -> Any:
     origin = typing.get_origin(hint)
     if dataclasses.is_dataclass(hint):
-        return _convert(hint, value, f"{where}.{name}", source)
+        return _convert(hint, value, f"{where}.{name}" if where else name, source)
     if origin is dict:
         _, vt = typing.get_args(hint)
         if not isinstance(value, dict):
