@@ -168,6 +168,40 @@ def extract(
     _guarded(go)
 
 
+@app.command("run")
+def run_cmd(
+    sources: List[str] = typer.Argument(None, help="SA-1B tars; none with a tiny recipe generates a small source."),
+    run: str = RunOpt,
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="Preset or TOML path (default tiny-cpu for a new run)."),
+    gpus: Optional[str] = typer.Option(None, help="Comma-separated GPU ids for extract and train."),
+    workers: Optional[int] = typer.Option(None, help="CPU worker processes for extract."),
+    scheduler: Optional[str] = typer.Option(None, help="Existing Dask scheduler for extract, e.g. tcp://host:8786."),
+    limit: Optional[int] = typer.Option(None, help="Ingest at most about N images."),
+    epochs: Optional[int] = typer.Option(None, help="Override the recipe's epochs."),
+    storage_options: Optional[str] = StorageOpt,
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Run every stage in order, each resuming, and write RUN/reports/summary.md.
+
+    Stopped at any point and run again, it finishes what is left.
+    """
+    _setup_logging(verbose)
+
+    def go():
+        from spar_pipeline.pipeline import run_all
+        from spar_pipeline.run import Run
+
+        probe = Run(run, json.loads(storage_options) if storage_options else None)
+        default = "tiny-cpu" if recipe is None and probe.frozen_recipe() is None else recipe
+        r = _open_run(run, default, storage_options)
+        gpu_ids = [int(g) for g in gpus.split(",") if g.strip()] if gpus else None
+        out = run_all(r, list(sources or []), gpus=gpu_ids, workers=workers, scheduler=scheduler, limit=limit,
+                      epochs=epochs)
+        typer.echo(out["summary"])
+
+    _guarded(go)
+
+
 @app.command()
 def status(
     run: str = RunOpt,

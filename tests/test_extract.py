@@ -1,0 +1,157 @@
+"""extract: real LocalCluster workers, a real Zarr store, moto S3, SIGKILL and resume."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from spar_pipeline import augment, extract, ingest, manifest
+from spar_pipeline.backbones import build
+from spar_pipeline.run import Run
+from spar_pipeline.store import FeatureStore, StoreError
+from spar_pipeline.testing import make_sa1b_source
+from spar_pipeline.windows import sliding_features
+
+
+def _prepare(url: str, src: Path, n_tars=2, per_tar=4, recipe="tiny-cpu") -> Run:
+    tars = make_sa1b_source(src, n_tars=n_tars, per_tar=per_tar, seed=1)
+    run = Run(url)
+    run.resolve_recipe(recipe)
+    ingest.run(run, [str(t) for t in tars])
+    augment.run(run)
+    return run
+
+
+def _teacher(run: Run, image_id: int) -> np.ndarray:
+    r = run.recipe
+    b = build(r.recipe.backbone, checkpoint=r.recipe.checkpoint or None).eval()
+    img = augment.augmented_image(run, image_id).float() / 255.0
+    x = ((img - torch.tensor(b.mean).view(3, 1, 1)) / torch.tensor(b.std).view(3, 1, 1))[None]
+    with torch.no_grad():
+        return sliding_features(b, x, window=r.extract.window, stride=r.extract.stride).numpy()
+
+
+def _check_done_once(run: Run) -> list[dict]:
+    rows = manifest.read_manifest(run, "extract").to_pylist()
+    planned = manifest.read_manifest(run, "augment")["image_id"].to_pylist()
+    assert sorted(r["image_id"] for r in rows) == sorted(planned)
+    store = FeatureStore.open(run.url_for("features.zarr"), storage_options=run.storage_options)
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert store.verify(r["image_id"], (r["grid_h"], r["grid_w"], r["dim"]), r["checksum"]) is None
+    return rows
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("extract")
+    run = _prepare(str(tmp / "run"), tmp / "src")
+    report = extract.run(run, workers=2, progress=False)
+    return run, report
+
+
+def test_two_worker_processes_store_the_teacher(local_run):
+    run, report = local_run
+    rows = _check_done_once(run)
+    assert report["done"] == len(rows) == 8 and report["workers"] >= 1
+    assert all(r["windows"] >= 1 and r["fingerprint"] for r in rows)
+    store = FeatureStore.open(run.url_for("features.zarr"))
+    for r in rows[:3]:
+        got = store.read(r["image_id"])
+        want = _teacher(run, r["image_id"])
+        assert got.dtype == np.float16 and got.shape == want.shape
+        np.testing.assert_allclose(got.astype(np.float32), want, rtol=2e-3, atol=2e-3)
+    summary = manifest.read_manifest(run, "summary").to_pylist()
+    assert summary[-1]["stage"] == "extract" and summary[-1]["windows_per_second"] > 0
+
+
+def test_rerun_does_nothing(local_run):
+    run, _ = local_run
+    before = manifest.read_manifest(run, "extract").to_pylist()
+    assert extract.run(run, workers=1, progress=False)["done"] == 0
+    assert manifest.read_manifest(run, "extract").to_pylist() == before
+
+
+def test_other_teacher_refused(local_run, tmp_path):
+    run, _ = local_run
+    with pytest.raises(StoreError):
+        FeatureStore.open(run.url_for("features.zarr"), fingerprint={"backbone": "other", "digest": "x"})
+
+
+def test_s3_run(s3_bucket, tmp_path):
+    run = _prepare(f"{s3_bucket}/run", tmp_path / "src", n_tars=1, per_tar=3)
+    extract.run(run, workers=1, progress=False)
+    rows = _check_done_once(run)
+    got = FeatureStore.open(run.url_for("features.zarr")).read(rows[0]["image_id"])
+    np.testing.assert_allclose(got.astype(np.float32), _teacher(run, rows[0]["image_id"]), rtol=2e-3, atol=2e-3)
+
+
+def test_nan_maps_are_rejected_and_run_goes_on(tmp_path):
+    from safetensors.torch import save_file
+
+    b = build("tiny-siglip")
+    state = {k: v.clone().contiguous() for k, v in b.state_dict().items()}
+    key = next(k for k in state if k.endswith("weight") and state[k].is_floating_point() and "norm" not in k)
+    state[key][...] = float("nan")
+    ckpt = tmp_path / "nan.safetensors"
+    save_file(state, str(ckpt))
+    from spar_pipeline.resources import stages_dir
+
+    recipe = tmp_path / "nan.toml"
+    recipe.write_text((stages_dir() / "tiny-cpu.toml").read_text().replace('checkpoint = ""', f'checkpoint = "{ckpt}"'))
+    run = _prepare(str(tmp_path / "run"), tmp_path / "src", n_tars=1, per_tar=2, recipe=str(recipe))
+    extract.run(run, workers=1, progress=False)
+    rows = manifest.read_manifest(run, "extract").to_pylist()
+    assert len(rows) == 2 and all(r["status"] == "rejected" and "NaN" in r["reason"] for r in rows)
+
+
+def _extract_cmd(run: Run, workers: int = 1) -> list[str]:
+    exe = Path(sys.executable).with_name("spar-pipeline")
+    return [str(exe), "extract", "--run", run.url, "--workers", str(workers)]
+
+
+def _wait_for_parts(run: Run, n: int, proc: subprocess.Popen, timeout: float = 240) -> None:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if len(manifest._part_names(run, "extract")) >= n or proc.poll() is not None:
+            return
+        time.sleep(0.05)
+    raise TimeoutError("extract made no progress")
+
+
+def test_sigkill_client_then_rerun_finishes(tmp_path):
+    run = _prepare(str(tmp_path / "run"), tmp_path / "src", n_tars=2, per_tar=6)
+    proc = subprocess.Popen(_extract_cmd(run), start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    _wait_for_parts(run, 1, proc)
+    os.killpg(proc.pid, signal.SIGKILL)  # the client and its local workers, as a machine crash would
+    proc.wait()
+    partial = manifest.read_manifest(run, "extract").num_rows
+    assert 0 < partial < 12
+    done = subprocess.run(_extract_cmd(run), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    rows = _check_done_once(run)
+    assert len(rows) == 12
+
+
+def test_worker_killed_mid_stage_completes(tmp_path):
+    import psutil
+
+    run = _prepare(str(tmp_path / "run"), tmp_path / "src", n_tars=2, per_tar=6)
+    proc = subprocess.Popen(_extract_cmd(run, workers=2), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _wait_for_parts(run, 1, proc)
+    children = psutil.Process(proc.pid).children(recursive=True)
+    workers = [p for p in children if "spawn_main" in " ".join(p.cmdline())]  # dask worker processes
+    assert workers, "no worker process found"
+    workers[0].send_signal(signal.SIGKILL)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    assert len(_check_done_once(run)) == 12
