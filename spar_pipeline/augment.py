@@ -1,0 +1,159 @@
+"""The ``augment`` stage: each image's augmentation drawn once, as the reference draws it.
+
+The draw is a pure function of (recipe seed, image id) through a counter-based generator
+(Philox), so it does not depend on order, worker count or machine. It needs only the source
+size, so the stage decodes nothing; ``augmented_image`` applies a recorded draw and is the one
+function that extract and train call for pixels.
+
+Rules (SPAR_PROTOCOL §3, mmcv/mmseg semantics): RandomResize with keep_ratio; then upscale a
+short side below ``min_side``, or with probability 1 − prob_crop squash to multiples of
+``snap``, or crop each side to U[frac·L, L] (≥ min_side, snapped) at a uniform position; flip.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from spar_pipeline import manifest
+from spar_pipeline.recipe import AugmentConfig
+from spar_pipeline.run import Run
+
+__all__ = ["Draw", "draw", "apply", "augmented_image", "augmented_from_rows", "run"]
+
+log = logging.getLogger(__name__)
+PART_ROWS = 1000
+
+
+@dataclass(frozen=True)
+class Draw:
+    src_height: int
+    src_width: int
+    resized_height: int
+    resized_width: int
+    mode: str  # upscale | full | crop
+    crop_top: int
+    crop_left: int
+    crop_height: int
+    crop_width: int
+    flip: bool
+    height: int
+    width: int
+
+
+def _rng(seed: int, image_id: int) -> np.random.Generator:
+    return np.random.Generator(np.random.Philox(key=np.array([seed, image_id], dtype=np.uint64)))
+
+
+def _snap(v: int, snap: int) -> int:
+    return (v // snap) * snap
+
+
+def draw(seed: int, image_id: int, src_h: int, src_w: int, cfg: AugmentConfig) -> Draw:
+    rng = _rng(seed, image_id)
+    # mmcv RandomResize(scale, ratio_range, keep_ratio=True)
+    r = rng.uniform(cfg.ratio_range[0], cfg.ratio_range[1])
+    target = (int(cfg.scale[0] * r), int(cfg.scale[1] * r))
+    s = min(max(target) / max(src_h, src_w), min(target) / min(src_h, src_w))
+    w, h = int(src_w * s + 0.5), int(src_h * s + 0.5)
+    short = min(h, w)
+    top = left = 0
+    ch, cw = h, w
+    if short < cfg.min_side:  # (a) upscale the short side, no crop
+        mode = "upscale"
+        out_w = _snap(max(int(w * cfg.min_side / short), cfg.min_side), cfg.snap)
+        out_h = _snap(max(int(h * cfg.min_side / short), cfg.min_side), cfg.snap)
+    elif rng.random() > cfg.prob_crop:  # (b) full image, squashed to multiples of snap
+        mode = "full"
+        out_w, out_h = _snap(w, cfg.snap), _snap(h, cfg.snap)
+    else:  # (c) random crop, mmseg RandomCrop offsets
+        mode = "crop"
+        ch = _snap(max(int(rng.integers(math.floor(cfg.crop_min_frac * h), h, endpoint=True)), cfg.min_side), cfg.snap)
+        cw = _snap(max(int(rng.integers(math.floor(cfg.crop_min_frac * w), w, endpoint=True)), cfg.min_side), cfg.snap)
+        top = int(rng.integers(0, max(h - ch, 0), endpoint=True))
+        left = int(rng.integers(0, max(w - cw, 0), endpoint=True))
+        out_h, out_w = ch, cw
+    flip = bool(rng.random() < cfg.prob_flip)
+    return Draw(src_h, src_w, h, w, mode, top, left, ch, cw, flip, out_h, out_w)
+
+
+def apply(image: np.ndarray, d: Draw) -> torch.Tensor:
+    """uint8 [3, height, width] from uint8 RGB [H, W, 3], with cv2 bilinear resizes as mmcv does."""
+    import cv2
+
+    if image.shape[:2] != (d.src_height, d.src_width):
+        raise ValueError(f"image is {image.shape[1]}×{image.shape[0]}, the draw was made for {d.src_width}×{d.src_height}")
+    img = cv2.resize(image, (d.resized_width, d.resized_height), interpolation=cv2.INTER_LINEAR)
+    img = img[d.crop_top:d.crop_top + d.crop_height, d.crop_left:d.crop_left + d.crop_width]
+    if img.shape[:2] != (d.height, d.width):
+        img = cv2.resize(img, (d.width, d.height), interpolation=cv2.INTER_LINEAR)
+    if d.flip:
+        img = img[:, ::-1]
+    return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))
+
+
+def _draw_of(row: dict[str, Any]) -> Draw:
+    return Draw(**{k: row[k] for k in Draw.__dataclass_fields__})
+
+
+def augmented_from_rows(ingest_row: dict, augment_row: dict, max_pixels: int,
+                        storage_options: dict | None = None) -> torch.Tensor:
+    """Pixels of one image from its manifest rows: one byte-range read, decode, apply."""
+    from spar_pipeline.imageio import decode_image
+    from spar_pipeline.sources import read_member
+
+    data = read_member(ingest_row["source"], ingest_row["offset"], ingest_row["size"], storage_options)
+    return apply(decode_image(data, max_pixels), _draw_of(augment_row))
+
+
+_ROWS: dict[str, tuple[dict, dict]] = {}
+
+
+def augmented_image(run: Run | str, image_id: int) -> torch.Tensor:
+    """THE pixels of an augmented image, identical in every process and on every machine."""
+    run = Run(run) if isinstance(run, str) else run
+    cached = _ROWS.get(run.url)
+    if cached is None or image_id not in cached[0] or image_id not in cached[1]:
+        cached = ({r["image_id"]: r for r in manifest.read_manifest(run, "ingest").to_pylist()},
+                  {r["image_id"]: r for r in manifest.read_manifest(run, "augment").to_pylist()})
+        _ROWS[run.url] = cached
+    ingest_rows, augment_rows = cached
+    if image_id not in augment_rows or augment_rows[image_id]["status"] != "ok":
+        raise KeyError(f"image {image_id}: no ok augment row in {run.url}")
+    return augmented_from_rows(ingest_rows[image_id], augment_rows[image_id], run.recipe.ingest.max_pixels,
+                               run.storage_options)
+
+
+def _row(image_id: int, d: Draw | None, reason: str = "") -> dict:
+    if d is None:
+        zeros = {k: (False if k == "flip" else "" if k == "mode" else 0) for k in Draw.__dataclass_fields__}
+        return dict(image_id=image_id, status="rejected", reason=reason, **zeros)
+    return dict(image_id=image_id, status="ok", reason="", **asdict(d))
+
+
+def run(run: Run, *, limit: int | None = None) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    recipe = run.recipe
+    todo = manifest.pending(manifest.read_manifest(run, "ingest"), manifest.read_manifest(run, "augment"))
+    rows: list[dict] = []
+    done = rejected = 0
+    for r in todo.to_pylist()[: limit or None]:
+        if r["width"] < 2 or r["height"] < 2:
+            rows.append(_row(r["image_id"], None, f"source size {r['width']}×{r['height']} is unusable"))
+        else:
+            rows.append(_row(r["image_id"], draw(recipe.recipe.seed, r["image_id"], r["height"], r["width"],
+                                                 recipe.augment)))
+        if len(rows) >= PART_ROWS:
+            manifest.write_part(run, "augment", rows)
+            done, rejected = done + sum(x["status"] == "ok" for x in rows), rejected + sum(x["status"] != "ok" for x in rows)
+            rows = []
+    manifest.write_part(run, "augment", rows)
+    done, rejected = done + sum(x["status"] == "ok" for x in rows), rejected + sum(x["status"] != "ok" for x in rows)
+    manifest.compact(run, "augment")
+    return dict(done=done, rejected=rejected, seconds=round(time.perf_counter() - t0, 2))
