@@ -1,0 +1,139 @@
+"""What every backbone offers: dense features, text features, freezing, weights identity."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["Backbone", "parse_trainable"]
+
+log = logging.getLogger(__name__)
+
+TRAINABLE_OPTIONS = ("all", "blk_i", "mlp_i", "qkv_i", "posembed", "patchembed")
+
+
+def parse_trainable(spec: str) -> list[tuple[str, int | None]]:
+    """'blk_-1, blk_-2' -> [('blk', -1), ('blk', -2)]; errors name the bad token and the options."""
+    out: list[tuple[str, int | None]] = []
+    for token in (t.strip() for t in spec.split(",")):
+        if not token:
+            continue
+        if token in ("all", "posembed", "patchembed"):
+            out.append((token, None))
+            continue
+        prefix, _, index = token.rpartition("_")
+        if prefix not in ("blk", "mlp", "qkv"):
+            raise ValueError(f"trainable option {token!r}: unknown; use {', '.join(TRAINABLE_OPTIONS)} (i may be negative)")
+        try:
+            out.append((prefix, int(index)))
+        except ValueError:
+            raise ValueError(f"trainable option {token!r}: the block index must be an integer, e.g. {prefix}_-1") from None
+    if not out:
+        raise ValueError(f"trainable spec {spec!r} names nothing; use e.g. blk_-1,blk_-2")
+    return out
+
+
+class Backbone(nn.Module):
+    """A frozen-or-partly-trainable ViT with SPAR's dense head. ``forward(x) == dense(x)``."""
+
+    family = "base"
+    qkv_keys: tuple[str, ...] = ("qkv",)
+
+    def __init__(self, name: str, model: nn.Module, window: int, mean: Sequence[float], std: Sequence[float],
+                 patch_size: int, dim: int):
+        super().__init__()
+        self.name = name
+        self.model = model
+        self.window = int(window)
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        self.patch_size = int(patch_size)
+        self.dim = int(dim)
+        self._digest: str | None = None
+
+    # ---- to implement per family ----------------------------------------------------------
+    def dense(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def blocks(self) -> nn.ModuleList:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def posembed_params(self) -> list[nn.Parameter]:
+        return []
+
+    def patchembed_params(self) -> list[nn.Parameter]:
+        return []
+
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # ---- shared ---------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dense(x)
+
+    @torch.no_grad()
+    def class_embeddings(self, class_lines: Sequence[str], templates: Sequence[str],
+                         batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per query (a class line split on ', '): 80 prompts, L2-normalised each, mean, normalised.
+
+        Returns (embeddings [Q, D], class_index [Q]) mapping each query to its class line.
+        """
+        queries, index = [], []
+        for c, line in enumerate(class_lines):
+            for synonym in line.replace("\n", "").split(", "):
+                queries.append(synonym)
+                index.append(c)
+        out = []
+        for q in queries:
+            prompts = [t.format(q) for t in templates]
+            feats = torch.cat([self.encode_text(prompts[i:i + batch]) for i in range(0, len(prompts), batch)])
+            out.append(F.normalize(F.normalize(feats.float(), dim=-1).mean(0), dim=-1))
+        return torch.stack(out), torch.tensor(index, dtype=torch.long)
+
+    def set_trainable(self, spec: str) -> int:
+        """Freeze everything, then unfreeze what ``spec`` names; returns the trainable count."""
+        options = parse_trainable(spec)
+        for p in self.parameters():
+            p.requires_grad_(False)
+        blocks = self.blocks()
+        for kind, i in options:
+            if kind == "all":
+                params = list(self.parameters())
+            elif kind == "posembed":
+                params = self.posembed_params()
+            elif kind == "patchembed":
+                params = self.patchembed_params()
+            else:
+                if not -len(blocks) <= i < len(blocks):
+                    raise ValueError(f"trainable option {kind}_{i}: {self.name} has {len(blocks)} blocks")
+                named = list(blocks[i].named_parameters())
+                if kind == "blk":
+                    params = [p for _, p in named]
+                elif kind == "mlp":
+                    params = [p for n, p in named if "mlp" in n]
+                else:
+                    params = [p for n, p in named if any(k in n for k in self.qkv_keys)]
+            if not params:
+                label = kind if i is None else f"{kind}_{i}"
+                raise ValueError(f"trainable option {label!r} matches no parameter of {self.name}"
+                                 + (" (it has no learned position embedding)" if kind == "posembed" else ""))
+            for p in params:
+                p.requires_grad_(True)
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    @property
+    def weights_digest(self) -> str:
+        """Identity of the weights the model was built with (the teacher fingerprint uses it)."""
+        if self._digest is None:
+            h = hashlib.sha256()
+            for k, v in sorted(self.state_dict().items()):
+                h.update(k.encode())
+                h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+                         if v.dtype != torch.bool else v.cpu().numpy().tobytes())
+            self._digest = h.hexdigest()[:16]
+        return self._digest

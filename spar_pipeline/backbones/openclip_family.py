@@ -1,0 +1,119 @@
+"""SigLIP2 (timm trunk, attention-pool bypass) and MaskCLIP (OpenCLIP) dense heads.
+
+Both are open_clip models; only the dense path differs from open_clip's own forward.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from spar_pipeline.backbones.base import Backbone
+
+__all__ = ["SiglipBackbone", "MaskClipBackbone"]
+
+
+class _OpenClipText:
+    """Text side shared by both: open_clip's tokenizer and encode_text."""
+
+    tokenizer = None
+
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        if self.tokenizer is None:
+            raise RuntimeError(f"{self.name}: no tokenizer available")
+        device = next(self.model.parameters()).device
+        tokens = self.tokenizer(list(prompts)).to(device)
+        return self.model.encode_text(tokens)
+
+
+class SiglipBackbone(_OpenClipText, Backbone):
+    family = "siglip"
+    qkv_keys = ("qkv",)
+
+    @property
+    def trunk(self) -> nn.Module:
+        return self.model.visual.trunk
+
+    def blocks(self) -> nn.ModuleList:
+        return self.trunk.blocks
+
+    def posembed_params(self):
+        return [p for n, p in self.model.visual.named_parameters() if "pos_embed" in n]
+
+    def patchembed_params(self):
+        return [p for n, p in self.model.visual.named_parameters() if "patch_embed" in n]
+
+    def dense(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.trunk
+        B, _, H, W = x.shape
+        P = self.patch_size
+        gh, gw = math.ceil(H / P), math.ceil(W / P)
+        if (gh * P, gw * P) != (H, W):  # dynamic padding: zeros bottom/right of the normalised image
+            x = F.pad(x, (0, gw * P - W, 0, gh * P - H))
+        tokens = t.patch_embed.proj(x).flatten(2).transpose(1, 2)
+        tokens = t.patch_embed.norm(tokens)
+        pos = t.pos_embed
+        n = int(math.isqrt(pos.shape[1]))
+        grid = pos.reshape(1, n, n, -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid.float(), size=(gh, gw), mode="bicubic", align_corners=False, antialias=False)
+        tokens = tokens + grid.to(tokens.dtype).permute(0, 2, 3, 1).reshape(1, gh * gw, -1)
+        tokens = t.norm_pre(t.patch_drop(t.pos_drop(tokens)))
+        tokens = t.norm(t.blocks(tokens))
+        # Attention-pool bypass: each token receives its own value (no latent query, no q/k).
+        pool = t.attn_pool
+        D = tokens.shape[-1]
+        v = pool.kv(tokens).reshape(B, gh * gw, 2, D)[:, :, 1]
+        v = pool.proj_drop(pool.proj(v))
+        v = v + pool.mlp(pool.norm(v))
+        return v.reshape(B, gh, gw, -1)
+
+
+class MaskClipBackbone(_OpenClipText, Backbone):
+    family = "maskclip"
+    qkv_keys = ("in_proj",)  # nn.MultiheadAttention names its fused q/k/v weights in_proj_*
+
+    @property
+    def visual(self) -> nn.Module:
+        return self.model.visual
+
+    def blocks(self) -> nn.ModuleList:
+        return self.visual.transformer.resblocks
+
+    def posembed_params(self):
+        return [self.visual.positional_embedding]
+
+    def patchembed_params(self):
+        return list(self.visual.conv1.parameters())
+
+    def dense(self, x: torch.Tensor) -> torch.Tensor:
+        v = self.visual
+        B = x.shape[0]
+        x = v.conv1(x)  # leftover bottom/right pixels (< P) are dropped, as the reference does
+        width, gh, gw = x.shape[1:]
+        x = x.reshape(B, width, gh * gw).permute(0, 2, 1)
+        cls = v.class_embedding.to(x.dtype) + torch.zeros(B, 1, width, dtype=x.dtype, device=x.device)
+        x = torch.cat([cls, x], dim=1)
+        pos = v.positional_embedding.to(x.dtype)
+        if x.shape[1] != pos.shape[0]:
+            n = int(math.isqrt(pos.shape[0] - 1))
+            grid = pos[1:].reshape(1, n, n, width).permute(0, 3, 1, 2)
+            grid = F.interpolate(grid.float(), scale_factor=((gh + 0.1) / n, (gw + 0.1) / n), mode="bicubic",
+                                 align_corners=False, antialias=False)
+            if grid.shape[-2:] != (gh, gw):
+                raise RuntimeError(f"position grid {tuple(grid.shape[-2:])} != {(gh, gw)}")
+            pos = torch.cat([pos[:1], grid.to(x.dtype).permute(0, 2, 3, 1).reshape(gh * gw, width)])
+        x = v.ln_pre(v.patch_dropout(x + pos))
+        blocks = self.blocks()
+        for blk in blocks[:-1]:
+            x = blk(x)
+        last = blocks[-1]
+        # MaskCLIP: value path only in the last block; both residuals and the MLP kept.
+        y = last.ln_1(x)
+        val = F.linear(y, last.attn.in_proj_weight[2 * width:], last.attn.in_proj_bias[2 * width:])
+        x = x + last.attn.out_proj(val)
+        x = x + last.mlp(last.ln_2(x))
+        x = v.ln_post(x) @ v.proj
+        return x[:, 1:].reshape(B, gh, gw, -1)
