@@ -203,6 +203,32 @@ def run_cmd(
 
 
 @app.command()
+def verify(
+    run: str = RunOpt,
+    repair: bool = typer.Option(False, "--repair", help="Mark damaged work as pending so the next run redoes it."),
+    storage_options: Optional[str] = StorageOpt,
+) -> None:
+    """Check every manifest row against what it references (tar bytes, feature maps).
+
+    Reads: manifests, tars, the store. Writes (with --repair): 'redo' rows for damaged items.
+    Exit code 1 when anything is damaged.
+    """
+    _setup_logging(False)
+
+    def go():
+        from spar_pipeline.verify import verify as check
+
+        r = _open_run(run, None, storage_options)
+        report = check(r, repair=repair)
+        typer.echo(f"verify: {report}")
+        damaged = sum(v["damaged"] for v in report.values() if isinstance(v, dict))
+        if damaged and not repair:
+            raise typer.Exit(1)
+
+    _guarded(go)
+
+
+@app.command()
 def status(
     run: str = RunOpt,
     storage_options: Optional[str] = StorageOpt,

@@ -41,6 +41,10 @@ def open_engine(
     import dask
     from distributed import Client, LocalCluster, Nanny, Scheduler, SpecCluster
 
+    # distributed resets its loggers to INFO on import; the stage's own progress line is enough.
+    if logging.getLogger("spar_pipeline").getEffectiveLevel() > logging.DEBUG:
+        logging.getLogger("distributed").setLevel(logging.WARNING)
+
     # A worker that dies mid-task makes the scheduler resubmit it elsewhere; allow a few deaths.
     with dask.config.set({"distributed.scheduler.allowed-failures": 3, "distributed.worker.daemon": False}):
         if scheduler:

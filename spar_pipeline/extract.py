@@ -262,12 +262,12 @@ def run(run: Run, *, gpus: list[int] | None = None, workers: int | None = None, 
     items = plan(run, limit)
     if not items:
         log.info("extract: nothing pending")
-        return dict(done=0, rejected=0, windows=0, seconds=0.0)
+        return dict(done=0, rejected=0, windows=0, forward_seconds=0.0, task_seconds=0.0, seconds=0.0)
     spec = ExtractSpec(run.url, run.storage_options, recipe.recipe.backbone, recipe.recipe.checkpoint,
                        recipe.extract.window, recipe.extract.stride, window_batch or recipe.extract.window_batch,
                        recipe.extract.precision, recipe.ingest.max_pixels, fp)
     batches = _batches(items, recipe.extract.images_per_task)
-    totals = dict(done=0, rejected=0, windows=0, forward_seconds=0.0)
+    totals = dict(done=0, rejected=0, windows=0, forward_seconds=0.0, task_seconds=0.0)
     per_worker: dict[str, int] = {}
     with open_engine(gpus, workers, scheduler) as engine:
         log.info("extract: %d images in %d batches on %s", len(items), len(batches), engine.description)
@@ -281,6 +281,7 @@ def run(run: Run, *, gpus: list[int] | None = None, workers: int | None = None, 
                 rep = fut.result()
                 for k in ("done", "rejected", "windows", "forward_seconds"):
                     totals[k] += rep[k]
+                totals["task_seconds"] += rep["seconds"]
                 per_worker[rep["worker"]] = per_worker.get(rep["worker"], 0) + rep["done"] + rep["rejected"]
                 bar.update(rep["done"] + rep["rejected"], windows=rep["windows"], workers=per_worker)
     seconds = time.perf_counter() - t0

@@ -93,9 +93,10 @@ def run(
     max_id = cfg.max_id if max_id is None else max_id
     options = storage_options if storage_options is not None else run.storage_options
     urls = resolve_sources(sources, links, tars, options, download_dir=run.url_for("source") if links else None)
-    existing = manifest.read_manifest(run, "ingest")
-    done_sources = set(manifest.read_manifest(run, "tars")["source"].to_pylist())
-    known_ids = {i: s for i, s in zip(existing["image_id"].to_pylist(), existing["source"].to_pylist())}
+    existing = manifest.read_manifest(run, "ingest").to_pylist()
+    redo = {r["source"] for r in existing if r["status"] == "redo"}  # marked by verify --repair
+    done_sources = set(manifest.read_manifest(run, "tars")["source"].to_pylist()) - redo
+    known_ids = {r["image_id"]: r["source"] for r in existing if r["status"] != "redo"}
     todo = [u for u in urls if u not in done_sources]
     report = dict(tars=len(urls), skipped_tars=len(urls) - len(todo), failed_tars=0, ok=0, rejected=0, duplicates=0)
     if not todo:
