@@ -16,7 +16,8 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["window_starts", "upsample_factor", "Canvas", "sliding_features", "sliding_features_many", "count_windows"]
+__all__ = ["window_starts", "upsample_factor", "Canvas", "sliding_features", "sliding_features_many", "count_windows",
+           "upsample"]
 
 
 def window_starts(length: int, window: int, stride: int) -> list[int]:
@@ -32,6 +33,12 @@ def window_starts(length: int, window: int, stride: int) -> list[int]:
 def upsample_factor(patch: int, stride: int) -> int:
     """Smallest r dividing P with the stride on the P/r grid (s=24, P=16 → 2; s=16 or 256 → 1)."""
     return patch // math.gcd(patch, stride)
+
+
+def upsample(maps: torch.Tensor, r: int) -> torch.Tensor:
+    """[N, C, h, w] -> float32 [N, C, rh, rw], bilinear, align_corners False (identity for r = 1)."""
+    maps = maps.float()
+    return F.interpolate(maps, scale_factor=r, mode="bilinear", align_corners=False) if r > 1 else maps
 
 
 def count_windows(height: int, width: int, window: int, stride: int) -> int:
@@ -51,12 +58,13 @@ class Canvas:
 
     def add(self, fmap: torch.Tensor, top: int, left: int) -> None:
         """``fmap``: [C, k/P, k/P] channel-first map of the window starting at pixel (top, left)."""
-        f = fmap.float()[None]
-        if self.r > 1:
-            f = F.interpolate(f, scale_factor=self.r, mode="bilinear", align_corners=False)
+        self.add_upsampled(upsample(fmap[None], self.r)[0], top, left)
+
+    def add_upsampled(self, fmap: torch.Tensor, top: int, left: int) -> None:
+        """``fmap``: [C, rk/P, rk/P], already upsampled ×r (batched callers upsample once per batch)."""
         y, x = top * self.r // self.patch, left * self.r // self.patch
-        fh, fw = f.shape[-2:]
-        self.sum[:, y:y + fh, x:x + fw] += f[0]
+        fh, fw = fmap.shape[-2:]
+        self.sum[:, y:y + fh, x:x + fw] += fmap
         self.count[:, y:y + fh, x:x + fw] += 1
 
     def result(self) -> torch.Tensor:
@@ -76,6 +84,7 @@ def _jobs(images: Sequence[torch.Tensor], window: int, stride: int) -> Iterator[
                 yield i, top, left, img[..., top:top + kh, left:left + kw]  # a view, no copy
 
 
+@torch.no_grad()
 def sliding_features_many(
     backbone,
     images: Sequence[torch.Tensor],
@@ -97,11 +106,11 @@ def sliding_features_many(
     def flush() -> None:
         if not pending:
             return
-        with torch.inference_mode(), amp:
+        with amp:
             feats = backbone.dense(torch.stack([v for *_, v in pending]))
-        feats = feats.float().permute(0, 3, 1, 2)
+        feats = upsample(feats.permute(0, 3, 1, 2), canvases[0].r)  # one resize per batch, in float32
         for (i, top, left, _), f in zip(pending, feats):
-            canvases[i].add(f, top, left)
+            canvases[i].add_upsampled(f, top, left)
         pending.clear()
 
     for job in _jobs(images, window, stride):
@@ -115,5 +124,8 @@ def sliding_features_many(
 def sliding_features(backbone, x: torch.Tensor, window: int, stride: int, batch: int = 10,
                      autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
     """The teacher for one image. ``x``: [1, 3, H, W] (or [3, H, W]) normalised -> [H/P, W/P, D]."""
+    if x.dim() == 4 and x.shape[0] != 1:
+        raise ValueError(f"sliding_features takes one image [1, 3, H, W], got {tuple(x.shape)}; "
+                         "use sliding_features_many for several")
     img = x[0] if x.dim() == 4 else x
     return sliding_features_many(backbone, [img], window, stride, batch, autocast_dtype)[0]

@@ -101,15 +101,21 @@ def load_state(path: str) -> dict[str, torch.Tensor]:
 
 
 def _load_into(b: Backbone, state: dict[str, torch.Tensor], source: str) -> None:
-    # A Backbone state dict has keys "model.*"; an open_clip / HF state dict fits b.model directly.
-    target, keys = (b, state) if any(k.startswith("model.") for k in state) else (b.model, state)
+    """Strict load of either a Backbone state dict (keys ``model.*``) or the wrapped model's own
+    (an open_clip or transformers file); a DDP ``module.`` prefix is dropped."""
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    target = b
+    if set(state) != set(b.state_dict()) and set(state) == set(b.model.state_dict()):
+        target = b.model
     try:
-        target.load_state_dict(keys, strict=True)
+        target.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        msg = str(e)
-        missing = msg.count("Missing key") and msg.split("Missing key(s) in state_dict:")[-1][:120]
-        raise ValueError(f"checkpoint {source} does not fit backbone {b.name}: {missing or msg.splitlines()[0][:200]}") \
-            from None
+        want, got = set(target.state_dict()), set(state)
+        missing, extra = sorted(want - got)[:3], sorted(got - want)[:3]
+        detail = (f"missing {missing}, unexpected {extra}" if missing or extra
+                  else str(e).splitlines()[-1].strip()[:200])
+        raise ValueError(f"checkpoint {source} does not fit backbone {b.name}: {detail}") from None
 
 
 def _tokenizer(spec: dict, name: str):

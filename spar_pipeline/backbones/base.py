@@ -54,7 +54,6 @@ class Backbone(nn.Module):
         self.std = tuple(float(s) for s in std)
         self.patch_size = int(patch_size)
         self.dim = int(dim)
-        self._digest: str | None = None
 
     # ---- to implement per family ----------------------------------------------------------
     def dense(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
@@ -128,12 +127,13 @@ class Backbone(nn.Module):
 
     @property
     def weights_digest(self) -> str:
-        """Identity of the weights the model was built with (the teacher fingerprint uses it)."""
-        if self._digest is None:
-            h = hashlib.sha256()
-            for k, v in sorted(self.state_dict().items()):
-                h.update(k.encode())
-                h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-                         if v.dtype != torch.bool else v.cpu().numpy().tobytes())
-            self._digest = h.hexdigest()[:16]
-        return self._digest
+        """Identity of the current weights (the teacher fingerprint uses it): sha256 over every
+        state-dict key and tensor bytes, first 16 hex. Computed on each call, so it follows training."""
+        h = hashlib.sha256()
+        for k, v in sorted(self.state_dict().items()):
+            v = v.detach().to("cpu").contiguous()
+            h.update(f"{k}|{v.dtype}|{tuple(v.shape)}|".encode())
+            if v.numel():
+                h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes() if v.dtype != torch.bool
+                         else v.numpy().tobytes())
+        return h.hexdigest()[:16]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn as nn
@@ -41,18 +42,23 @@ class Dinov3Backbone(Backbone):
         return out[:, skip:].reshape(B, gh, gw, -1)
 
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        """dino.txt text tower (official ``dinov3`` package), dims 1024–2047: the patch-aligned half.
+        Weights come from SPAR_DINOTXT_WEIGHTS / SPAR_DINOV3_BACKBONE_WEIGHTS when set (local files)."""
         try:
-            import dinov3  # noqa: F401  (facebookresearch/dinov3, installed by the user)
+            from dinov3.hub.dinotxt import dinov3_vitl16_dinotxt_tet1280d20h24l
         except ImportError:
             raise RuntimeError(
-                f"{self.name}: text features need the official dino.txt text tower: install facebookresearch/dinov3 "
-                "(pip install git+https://github.com/facebookresearch/dinov3) and its dino.txt weights"
+                f"{self.name}: text features need the dino.txt text tower: "
+                "pip install git+https://github.com/facebookresearch/dinov3 (dense features work without it)"
             ) from None
-        if not hasattr(self, "_text"):
-            import torch.hub
-
-            model, tokenizer = torch.hub.load("facebookresearch/dinov3", self.text_hub_entry, source="github")
-            self._text = (model.eval(), tokenizer)
+        if getattr(self, "_text", None) is None:
+            kwargs = {k: os.environ[e] for k, e in (("weights", "SPAR_DINOTXT_WEIGHTS"),
+                                                     ("backbone_weights", "SPAR_DINOV3_BACKBONE_WEIGHTS"))
+                      if os.environ.get(e)}
+            model, tokenizer = dinov3_vitl16_dinotxt_tet1280d20h24l(**kwargs)
+            object.__setattr__(self, "_text", (model.eval(), tokenizer))  # not a submodule: not in state_dict
         model, tokenizer = self._text
-        tokens = tokenizer.tokenize(list(prompts)).to(next(self.parameters()).device)
-        return model.encode_text(tokens)[:, 1024:]  # the patch-aligned half
+        device = next(self.parameters()).device
+        model.to(device)
+        tokens = tokenizer.tokenize(list(prompts)).to(device)
+        return model.encode_text(tokens)[:, 1024:]
