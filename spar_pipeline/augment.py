@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from spar_pipeline import manifest
+from spar_pipeline.fsutil import redact
 from spar_pipeline.recipe import AugmentConfig
 from spar_pipeline.run import Run
 
@@ -56,29 +57,41 @@ def _snap(v: int, snap: int) -> int:
 
 
 def draw(seed: int, image_id: int, src_h: int, src_w: int, cfg: AugmentConfig) -> Draw:
+    """The augmentation of one image, a pure function of (seed, image id) and its source size.
+
+    Raises ValueError when the size cannot be augmented (a side that rounds to 0 pixels).
+    """
+    if src_h < 1 or src_w < 1:
+        raise ValueError(f"source size {src_w}×{src_h} is empty")
     rng = _rng(seed, image_id)
-    # mmcv RandomResize(scale, ratio_range, keep_ratio=True)
+    # (1) mmcv RandomResize(scale, ratio_range, keep_ratio=True): rescale_size + _scale_size
     r = rng.uniform(cfg.ratio_range[0], cfg.ratio_range[1])
     target = (int(cfg.scale[0] * r), int(cfg.scale[1] * r))
     s = min(max(target) / max(src_h, src_w), min(target) / min(src_h, src_w))
     w, h = int(src_w * s + 0.5), int(src_h * s + 0.5)
     short = min(h, w)
+    if short < 1:
+        raise ValueError(f"source size {src_w}×{src_h} resizes to {w}×{h} (scale {s:.4g}); aspect ratio too extreme")
+    # (2) RandomCropOrFullImage
     top = left = 0
     ch, cw = h, w
-    if short < cfg.min_side:  # (a) upscale the short side, no crop
+    if short < cfg.min_side:  # (a) upscale the short side to min_side, no crop
         mode = "upscale"
         out_w = _snap(max(int(w * cfg.min_side / short), cfg.min_side), cfg.snap)
         out_h = _snap(max(int(h * cfg.min_side / short), cfg.min_side), cfg.snap)
     elif rng.random() > cfg.prob_crop:  # (b) full image, squashed to multiples of snap
         mode = "full"
         out_w, out_h = _snap(w, cfg.snap), _snap(h, cfg.snap)
-    else:  # (c) random crop, mmseg RandomCrop offsets
+    else:  # (c) crop sides ~ randint(floor(frac·L), L) inclusive, ≥ min_side, snapped; mmseg RandomCrop offsets
         mode = "crop"
-        ch = _snap(max(int(rng.integers(math.floor(cfg.crop_min_frac * h), h, endpoint=True)), cfg.min_side), cfg.snap)
-        cw = _snap(max(int(rng.integers(math.floor(cfg.crop_min_frac * w), w, endpoint=True)), cfg.min_side), cfg.snap)
+        ch = _snap(max(int(rng.integers(math.floor(cfg.crop_min_frac * h), h, endpoint=True)), cfg.min_side),
+                   cfg.snap)
+        cw = _snap(max(int(rng.integers(math.floor(cfg.crop_min_frac * w), w, endpoint=True)), cfg.min_side),
+                   cfg.snap)
         top = int(rng.integers(0, max(h - ch, 0), endpoint=True))
         left = int(rng.integers(0, max(w - cw, 0), endpoint=True))
         out_h, out_w = ch, cw
+    # (3) horizontal flip of the final image
     flip = bool(rng.random() < cfg.prob_flip)
     return Draw(src_h, src_w, h, w, mode, top, left, ch, cw, flip, out_h, out_w)
 
@@ -87,6 +100,8 @@ def apply(image: np.ndarray, d: Draw) -> torch.Tensor:
     """uint8 [3, height, width] from uint8 RGB [H, W, 3], with cv2 bilinear resizes as mmcv does."""
     import cv2
 
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"apply() takes uint8 RGB [H, W, 3], got {image.dtype} {list(image.shape)}")
     if image.shape[:2] != (d.src_height, d.src_width):
         raise ValueError(f"image is {image.shape[1]}×{image.shape[0]}, the draw was made for {d.src_width}×{d.src_height}")
     img = cv2.resize(image, (d.resized_width, d.resized_height), interpolation=cv2.INTER_LINEAR)
@@ -125,7 +140,7 @@ def augmented_image(run: Run | str, image_id: int) -> torch.Tensor:
         _ROWS[run.url] = cached
     ingest_rows, augment_rows = cached
     if image_id not in augment_rows or augment_rows[image_id]["status"] != "ok":
-        raise KeyError(f"image {image_id}: no ok augment row in {run.url}")
+        raise KeyError(f"image {image_id}: no ok augment row in {redact(run.url)}")
     return augmented_from_rows(ingest_rows[image_id], augment_rows[image_id], run.recipe.ingest.max_pixels,
                                run.storage_options)
 
@@ -137,23 +152,40 @@ def _row(image_id: int, d: Draw | None, reason: str = "") -> dict:
     return dict(image_id=image_id, status="ok", reason="", **asdict(d))
 
 
+def _plan(seed: int, cfg: AugmentConfig, max_pixels: int, ingest_row: dict) -> dict:
+    """The augment row of one ingest row: the draw, or a rejection with its reason."""
+    image_id = ingest_row["image_id"]
+    try:
+        d = draw(seed, image_id, ingest_row["height"], ingest_row["width"], cfg)
+    except ValueError as e:
+        return _row(image_id, None, str(e))
+    if d.height * d.width > max_pixels:  # only extreme aspect ratios get here, through the upscale branch
+        return _row(image_id, None, f"augmented size {d.width}×{d.height} exceeds the pixel limit {max_pixels}")
+    return _row(image_id, d)
+
+
 def run(run: Run, *, limit: int | None = None) -> dict[str, Any]:
+    """Draw every pending image's augmentation; append rows in parts of ≤ PART_ROWS.
+
+    Decodes nothing (the draw needs only the source size). Rerunning does nothing new, and a
+    killed run, rerun, ends with the same rows as an uninterrupted one (the draw is pure).
+    """
     t0 = time.perf_counter()
     recipe = run.recipe
     todo = manifest.pending(manifest.read_manifest(run, "ingest"), manifest.read_manifest(run, "augment"))
-    rows: list[dict] = []
+    ingest_rows = todo.to_pylist()[:limit] if limit else todo.to_pylist()
     done = rejected = 0
-    for r in todo.to_pylist()[: limit or None]:
-        if r["width"] < 2 or r["height"] < 2:
-            rows.append(_row(r["image_id"], None, f"source size {r['width']}×{r['height']} is unusable"))
-        else:
-            rows.append(_row(r["image_id"], draw(recipe.recipe.seed, r["image_id"], r["height"], r["width"],
-                                                 recipe.augment)))
-        if len(rows) >= PART_ROWS:
-            manifest.write_part(run, "augment", rows)
-            done, rejected = done + sum(x["status"] == "ok" for x in rows), rejected + sum(x["status"] != "ok" for x in rows)
-            rows = []
-    manifest.write_part(run, "augment", rows)
-    done, rejected = done + sum(x["status"] == "ok" for x in rows), rejected + sum(x["status"] != "ok" for x in rows)
+    for start in range(0, len(ingest_rows), PART_ROWS):
+        rows = [_plan(recipe.recipe.seed, recipe.augment, recipe.ingest.max_pixels, r)
+                for r in ingest_rows[start:start + PART_ROWS]]
+        manifest.write_part(run, "augment", rows)
+        for r in rows:
+            if r["status"] == "ok":
+                done += 1
+            else:
+                rejected += 1
+                log.warning("augment: image %d: %s; rejected", r["image_id"], r["reason"])
     manifest.compact(run, "augment")
-    return dict(done=done, rejected=rejected, seconds=round(time.perf_counter() - t0, 2))
+    report = dict(done=done, rejected=rejected, seconds=round(time.perf_counter() - t0, 2))
+    log.info("augment: %s", report)
+    return report

@@ -1,4 +1,9 @@
-"""The one image decode every stage uses: bytes in, 8-bit RGB out, or a clear rejection."""
+"""The one image decode every stage uses: bytes in, 8-bit RGB out, or a clear rejection.
+
+Raw pixels, as the reference loads SA-1B: no EXIF transpose. Only still-image formats a
+tar of photos can sensibly hold are opened (never EPS/PostScript, which would run
+Ghostscript). The pixel limit is checked from the header, before a byte is decompressed.
+"""
 
 from __future__ import annotations
 
@@ -8,67 +13,93 @@ import warnings
 import numpy as np
 from PIL import Image, ImageFile
 
-__all__ = ["ImageRejected", "decode_image", "image_size"]
+__all__ = ["ImageRejected", "decode_image", "image_size", "FORMATS"]
+
+# Formats we open; anything else is "not an image" (JPEG covers multi-picture MPO files too).
+FORMATS = ("JPEG", "PNG", "TIFF", "WEBP", "BMP", "GIF")
+
+# Our own limit (recipe.ingest.max_pixels) is checked before decoding and gives the clearer
+# message; PIL's warning between its soft and hard limits would only be noise.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 class ImageRejected(ValueError):
     """The bytes are not a usable image; the message is the reason recorded in the manifest."""
 
 
-def image_size(data: bytes) -> tuple[int, int]:
-    """(width, height) from the header only."""
+def _first_line(e: BaseException) -> str:
+    text = str(e).splitlines()[0] if str(e) else ""
+    return text[:100] or type(e).__name__
+
+
+def _open(data: bytes) -> Image.Image:
+    if not data:
+        raise ImageRejected("empty file")
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            return im.size
-    except Exception as e:  # PIL raises many types for junk
-        raise ImageRejected(f"not an image ({type(e).__name__})") from None
+        return Image.open(io.BytesIO(data), formats=FORMATS)
+    except Image.DecompressionBombError as e:
+        raise ImageRejected(f"decompression bomb ({_first_line(e).split(',')[0]})") from None
+    except Image.UnidentifiedImageError:
+        raise ImageRejected(f"not an image (no {'/'.join(FORMATS[:3])}/... header)") from None
+    except Exception as e:  # PIL raises many types on damaged headers
+        msg = _first_line(e)
+        what = "truncated" if "truncat" in msg.lower() else "corrupt"
+        raise ImageRejected(f"{what} image header ({msg})") from None
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from the header only; nothing is decompressed."""
+    with _open(data) as im:
+        return im.size
+
+
+def _gray_to_rgb(gray: np.ndarray) -> np.ndarray:
+    return np.repeat(gray[..., None], 3, axis=2)
 
 
 def _to_rgb(im: Image.Image) -> np.ndarray:
-    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(im, dtype=np.float64)
-        hi = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        gray = np.clip(np.round(arr * (255.0 / hi)), 0, 255).astype(np.uint8)
-        return np.repeat(gray[..., None], 3, axis=2)
-    if im.mode == "F":
-        arr = np.asarray(im, dtype=np.float64)
-        gray = np.clip(np.round(arr), 0, 255).astype(np.uint8)
-        return np.repeat(gray[..., None], 3, axis=2)
-    if im.mode == "P":
-        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    mode = im.mode
+    if mode.startswith("I;16"):  # 16-bit: scale 0..65535 onto 0..255 (x/257), never clip
+        arr = np.asarray(im).astype(np.float32)
+        return _gray_to_rgb(np.round(arr / 257.0).astype(np.uint8))
+    if mode == "I":  # 32-bit int container: PIL's holder for 16-bit PNG/TIFF data
+        arr = np.clip(np.asarray(im).astype(np.float64), 0, None)
+        top = float(arr.max()) if arr.size else 0.0
+        scale = 255.0 if top <= 255 else 65535.0 if top <= 65535 else top
+        return _gray_to_rgb(np.round(arr * (255.0 / scale)).astype(np.uint8))
+    if mode == "F":
+        arr = np.nan_to_num(np.asarray(im).astype(np.float64))
+        if arr.size and arr.min() >= 0 and arr.max() <= 1:
+            arr = arr * 255.0
+        return _gray_to_rgb(np.clip(np.round(arr), 0, 255).astype(np.uint8))
+    if mode in ("P", "PA"):
+        im = im.convert("RGBA" if mode == "PA" or "transparency" in im.info else "RGB")
     if im.mode != "RGB":
-        im = im.convert("RGB")  # CMYK, L, LA, RGBA, YCbCr ...
+        im = im.convert("RGB")  # CMYK, L, LA, 1, RGBA, YCbCr, HSV ... (alpha dropped, raw colours)
     return np.asarray(im, dtype=np.uint8)
 
 
 def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
-    """uint8 [H, W, 3] RGB of raw pixels (no EXIF rotation, as the reference loads them)."""
-    if not data:
-        raise ImageRejected("empty file")
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
-    Image.MAX_IMAGE_PIXELS = None  # our own limit below gives the clearer message
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))
-            w, h = im.size
-            if w * h > max_pixels:
-                raise ImageRejected(f"decompression bomb: {w}×{h} = {w * h} pixels > limit {max_pixels}")
-            if min(w, h) < 2:
-                raise ImageRejected(f"degenerate size {w}×{h}")
-            im.load()
-    except ImageRejected:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageRejected(f"decompression bomb ({e})") from None
-    except Image.UnidentifiedImageError:
-        raise ImageRejected("not an image (unidentified format)") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        msg = str(e).splitlines()[0][:80] if str(e) else type(e).__name__
-        if "truncated" in msg.lower() or "premature" in msg.lower():
-            raise ImageRejected(f"truncated image ({msg})") from None
-        raise ImageRejected(f"corrupt image ({msg})") from None
-    rgb = _to_rgb(im)
-    if rgb.ndim != 3 or rgb.shape[2] != 3:
-        raise ImageRejected(f"unsupported pixel layout {im.mode}")
+    """uint8 [H, W, 3] RGB of the raw pixels, or ``ImageRejected`` with the reason."""
+    ImageFile.LOAD_TRUNCATED_IMAGES = False  # a short file must fail, never decode as grey
+    im = _open(data)
+    with im:
+        w, h = im.size
+        if w * h > max_pixels:
+            raise ImageRejected(f"decompression bomb: {w}×{h} = {w * h} pixels > limit {max_pixels}")
+        if min(w, h) < 2:
+            raise ImageRejected(f"degenerate size {w}×{h} (each side must be ≥ 2)")
+        try:
+            im.load()  # force the full decode: truncation and corrupt data show here
+        except Exception as e:
+            msg = _first_line(e)
+            if "truncated" in msg.lower() or "premature" in msg.lower():
+                raise ImageRejected(f"truncated {im.format} ({msg})") from None
+            raise ImageRejected(f"corrupt {im.format} ({msg})") from None
+        try:
+            rgb = _to_rgb(im)
+        except Exception as e:
+            raise ImageRejected(f"unsupported pixel mode {im.mode} ({_first_line(e)})") from None
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.shape[:2] != (h, w):
+        raise ImageRejected(f"unsupported pixel layout {im.mode} {rgb.shape}")
     return np.ascontiguousarray(rgb)

@@ -2,25 +2,47 @@
 
 A tar is never extracted and a member name never becomes a filesystem path: members are
 matched against ``sa_<id>.jpg`` / ``sa_<id>.json`` (optionally ``./``-prefixed) and anything
-else — links, directories, ``../`` or absolute names — is counted and ignored.
+else — links, directories, devices, ``../`` or absolute names — is counted and ignored.
 """
 
 from __future__ import annotations
 
-import glob
+import json
 import logging
+import os
 import re
 import tarfile
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Callable, Iterator
+
+import fsspec
 
 from spar_pipeline.fsutil import filesystem, redact
 
-__all__ = ["Member", "TarIndex", "resolve_sources", "read_links", "iter_tar", "read_member"]
+__all__ = [
+    "Member",
+    "TarIndex",
+    "Resolved",
+    "SourceError",
+    "tar_name",
+    "show_url",
+    "read_links",
+    "resolve_sources",
+    "index_tar",
+    "iter_tar",
+    "read_member",
+]
 
 log = logging.getLogger(__name__)
 SA_MEMBER = re.compile(r"^(?:\./)?sa_(\d+)\.(jpg|json)$")
-SA_TAR = re.compile(r"^sa_\d{6}(\.tar)?$")
+SA_TAR = re.compile(r"^(?:sa_)?(\d+)(?:\.tar)?$")
+_REGULAR = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE)
+_FETCHED = ("http", "https")  # signed, expiring URLs: copied next to the run, then read in place
+_BLOCK = 8 << 20
+
+
+class SourceError(FileNotFoundError):
+    """A SOURCE argument names nothing usable (a FileNotFoundError, so the CLI prints one line)."""
 
 
 @dataclass(frozen=True)
@@ -37,32 +59,113 @@ class TarIndex:
     """What walking one tar found besides its members."""
 
     ignored: int = 0  # members that are not sa_<id>.jpg/json regular files
+    filtered: int = 0  # sa_<id> members left out by the caller's ``keep`` (e.g. above --max-id)
+    suspicious: list[str] = field(default_factory=list)  # links and unsafe names among them
     error: str = ""  # why the walk stopped early ("" when it reached the end)
-    warnings: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # filled by the caller (ingest)
 
 
+@dataclass
+class Resolved:
+    urls: list[str]  # tar URLs, de-duplicated, sorted by tar name then URL; local ones as absolute paths
+    failed: list[str] = field(default_factory=list)  # one message per SOURCE that gave nothing (already logged)
+
+
+# ---- filesystems ----------------------------------------------------------------------------
+_FS: dict[tuple, fsspec.AbstractFileSystem] = {}
+
+
+def _fs(url: str, storage_options: dict | None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """``fsutil.filesystem`` with a per-process cache keyed by protocol and options."""
+    if "::" in url:  # chained URLs: no shortcut
+        return filesystem(url, storage_options)
+    protocol = url.split("://", 1)[0] if "://" in url else "file"
+    env = (os.environ.get("AWS_ENDPOINT_URL_S3"), os.environ.get("AWS_ENDPOINT_URL"))
+    key = (os.getpid(), protocol, json.dumps(storage_options or {}, sort_keys=True, default=str), env)
+    fs = _FS.get(key)
+    if fs is None:
+        fs, path = filesystem(url, storage_options)
+        _FS[key] = fs
+        return fs, path
+    return fs, fs._strip_protocol(url)
+
+
+def show_url(url: str) -> str:
+    """A URL safe to print or store: no query string (SA-1B CDN links are signed), no secrets."""
+    if url.split("://", 1)[0] in _FETCHED:
+        url = url.split("?", 1)[0]
+    return redact(url)
+
+
+def _brief(e: BaseException) -> str:
+    return redact(str(e)).splitlines()[0][:120] if str(e) else type(e).__name__
+
+
+def tar_name(spec: str) -> str:
+    """``sa_000000``, ``sa_000000.tar`` or ``0`` → ``sa_000000.tar``."""
+    m = SA_TAR.match(spec.strip())
+    if m is None:
+        raise SourceError(f"--tars {spec!r}: not an SA-1B tar name (e.g. sa_000000 or sa_000000.tar)")
+    return f"sa_{int(m.group(1)):06d}.tar"
+
+
+# ---- resolving SOURCE arguments -----------------------------------------------------------------
 def read_links(path: str, storage_options: dict | None = None) -> dict[str, str]:
-    """The official links file: ``file_name<TAB>url`` per line, a header line first."""
-    fs, p = filesystem(path, storage_options)
+    """The official links file: ``file_name<TAB>url`` per line (a ``file_name cdn_link`` header is skipped)."""
+    fs, p = _fs(path, storage_options)
+    try:
+        text = fs.cat_file(p).decode("utf-8", "replace")
+    except FileNotFoundError:
+        raise SourceError(f"links file {redact(path)}: not found") from None
     links = {}
-    for line in fs.cat_file(p).decode().splitlines():
+    for line in text.splitlines():
         parts = line.strip().split("\t")
-        if len(parts) == 2 and parts[0] != "file_name":
-            links[parts[0]] = parts[1]
+        if len(parts) == 2 and SA_TAR.match(parts[0]) and "://" in parts[1]:
+            links[tar_name(parts[0])] = parts[1]
+    if not links:
+        raise SourceError(f"links file {redact(path)}: no 'sa_NNNNNN.tar<TAB>url' lines")
     return links
 
 
-def _download(url: str, dest: str, storage_options: dict | None) -> str:
-    """Copy a (signed, expiring) URL's tar next to the run, so later stages read it in place."""
-    src_fs, src = filesystem(url)
-    dst_fs, dst = filesystem(dest, storage_options)
+def _canonical(fs: fsspec.AbstractFileSystem, src: str, path: str) -> str:
+    """Local tars as absolute paths (any cwd reads them later), others as protocol://path."""
+    if "://" not in src or src.startswith("file://"):
+        return os.path.abspath(path)
+    return fs.unstrip_protocol(path)
+
+
+def _expand(src: str, storage_options: dict | None) -> list[str]:
+    """One SOURCE argument → tar URLs."""
+    if src.split("://", 1)[0] in _FETCHED:
+        return [src]
+    fs, path = _fs(src, storage_options)
+    if any(ch in path for ch in "*?["):
+        return [_canonical(fs, src, p) for p in fs.glob(path) if p.endswith(".tar")]
+    if fs.isdir(path):
+        return [_canonical(fs, src, p) for p in fs.find(path) if p.endswith(".tar")]
+    if not fs.exists(path):
+        raise SourceError("no such tar, folder or glob match")
+    return [_canonical(fs, src, path)]
+
+
+def _fetch(url: str, dest: str, storage_options: dict | None) -> str:
+    """Copy a signed URL's tar to ``dest`` (whole-or-nothing), so later stages read it in place."""
+    dst_fs, dst = _fs(dest, storage_options)
     if dst_fs.exists(dst):
         return dest
-    log.info("fetching %s → %s", redact(url), dest)
-    tmp = dst + ".part"
-    with src_fs.open(src, "rb", block_size=8 << 20) as fin, dst_fs.open(tmp, "wb") as fout:
-        while chunk := fin.read(8 << 20):
+    src_fs, src = _fs(url, None)
+    log.info("fetching %s → %s", show_url(url), redact(dest))
+    tmp = f"{dst}.part"
+    dst_fs.makedirs(dst.rsplit("/", 1)[0], exist_ok=True)
+    copied = 0
+    with src_fs.open(src, "rb", block_size=_BLOCK) as fin, dst_fs.open(tmp, "wb") as fout:
+        expected = getattr(fin, "size", None)
+        while chunk := fin.read(_BLOCK):
             fout.write(chunk)
+            copied += len(chunk)
+    if expected is not None and copied != expected:
+        dst_fs.rm(tmp)
+        raise OSError(f"short download: {copied} of {expected} bytes")
     dst_fs.mv(tmp, dst)
     return dest
 
@@ -73,40 +176,107 @@ def resolve_sources(
     tars: list[str] | None = None,
     storage_options: dict | None = None,
     download_dir: str | None = None,
-) -> list[str]:
-    """Tar URLs, sorted and de-duplicated, from paths, globs, folders, URLs or the links file."""
+) -> Resolved:
+    """Tar URLs from paths, globs, folders, fsspec URLs, or the links file plus tar names.
+
+    With ``links``, ``tars`` picks rows of the links file; without it, ``tars`` keeps only the
+    sources with those names. Links-file tars and ``http(s)`` tars are copied once to
+    ``download_dir`` (the run's ``source/``) and read in place from there: signed URLs expire
+    and carry secrets, so they never reach a manifest.
+    """
     out: list[str] = []
+    failed: list[str] = []
+    wanted = [tar_name(t) for t in (tars or []) if t.strip()]
+
+    def fail(msg: str) -> None:
+        log.error("ingest: %s", msg)
+        failed.append(msg)
+
+    def add(url: str, name: str | None = None) -> None:
+        """``name`` given: a links-file row, always fetched (those links are signed and expire)."""
+        if download_dir and (name or url.split("://", 1)[0] in _FETCHED):
+            name = name or url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
+            try:
+                url = _fetch(url, f"{download_dir}/{name}", storage_options)
+            except Exception as e:  # one tar's fetch failing never stops the others
+                fail(f"{name}: fetch from {show_url(url)} failed ({_brief(e)})")
+                return
+        out.append(url)
+
     for src in sources:
-        fs, path = filesystem(src, storage_options)
-        proto = src.split("://", 1)[0] + "://" if "://" in src else ""
-        if any(ch in path for ch in "*?["):
-            matches = glob.glob(path) if not proto else [proto + m for m in fs.glob(path)]
-            out += [m for m in matches if m.endswith(".tar")]
-        elif fs.isdir(path):
-            out += [(proto + p if proto else p) for p in fs.find(path) if p.endswith(".tar")]
-        else:
-            if not fs.exists(path):
-                raise FileNotFoundError(f"source {redact(src)}: no such tar, folder or glob match")
-            out.append(src)
+        try:
+            found = _expand(src, storage_options)
+        except Exception as e:
+            fail(f"source {show_url(src)}: {_brief(e)}")
+            continue
+        if not found:
+            fail(f"source {show_url(src)}: no .tar files match")
+        if wanted and not links:
+            found = [u for u in found if u.split("?", 1)[0].rsplit("/", 1)[-1] in wanted]
+        for url in found:
+            add(url)
     if links:
-        table = read_links(links, storage_options)
-        wanted = [t if t.endswith(".tar") else f"{t}.tar" for t in (tars or [])]
         if not wanted:
-            raise ValueError("--links needs --tars NAME,... (e.g. sa_000000,sa_000001)")
+            raise SourceError("--links needs --tars NAME,... (e.g. --tars sa_000000,sa_000001)")
+        table = read_links(links, storage_options)
         missing = [t for t in wanted if t not in table]
         if missing:
-            raise ValueError(f"{links}: no row for {', '.join(missing)}")
+            raise SourceError(f"links file {redact(links)}: no row for {', '.join(missing)}")
         for name in wanted:
-            out.append(_download(table[name], f"{download_dir}/{name}", storage_options) if download_dir
-                       else table[name])
-    return sorted(set(out))
+            add(table[name], name)
+    elif wanted:
+        names = {u.split("?", 1)[0].rsplit("/", 1)[-1] for u in out}
+        for name in wanted:
+            if name not in names:
+                fail(f"--tars {name}: not among the given sources")
+    return Resolved(sorted(set(out), key=lambda u: (u.split("?", 1)[0].rsplit("/", 1)[-1], u)), failed)
 
 
-def iter_tar(url: str, storage_options: dict | None = None, index: TarIndex | None = None) -> Iterator[tuple[Member, bytes]]:
-    """Members of an SA-1B tar with their bytes, streamed in one sequential pass."""
-    index = index if index is not None else TarIndex()
-    fs, path = filesystem(url, storage_options)
-    with fs.open(path, "rb", block_size=8 << 20) as f:
+# ---- reading tars ---------------------------------------------------------------------------
+def _unsafe(name: str) -> bool:
+    parts = name.replace("\\", "/").split("/")
+    return name.startswith(("/", "\\")) or ".." in parts or (len(name) > 1 and name[1] == ":")
+
+
+def _classify(info: tarfile.TarInfo, index: TarIndex) -> re.Match | None:
+    """The name match for an sa_<id>.jpg/json regular file; anything else is counted and ignored."""
+    m = SA_MEMBER.match(info.name)
+    if m is not None and info.type in _REGULAR and info.sparse is None:
+        return m
+    index.ignored += 1
+    if info.issym() or info.islnk():
+        index.suspicious.append(f"link {info.name!r}")
+    elif _unsafe(info.name):
+        index.suspicious.append(f"unsafe name {info.name!r}")
+    elif info.isdev():
+        index.suspicious.append(f"device {info.name!r}")
+    return None
+
+
+def _why_stopped(f, offset: int, size: int) -> str:
+    """tarfile stops quietly at a damaged header after the first: tell damage from the end."""
+    if offset >= size:
+        return ""  # ends right after a member; no end-of-archive blocks, but nothing lost
+    f.seek(offset)
+    block = f.read(512)
+    if not any(block):
+        return ""
+    if len(block) < 512:
+        return f"truncated tar: partial header at offset {offset}"
+    try:
+        stored = tarfile.nti(block[148:156])
+    except tarfile.HeaderError:
+        stored = -1
+    if stored not in tarfile.calc_chksums(block):
+        return f"bad tar header checksum at offset {offset}"
+    return f"unreadable tar header at offset {offset}"
+
+
+def _walk(url: str, storage_options: dict | None, index: TarIndex, with_data: bool,
+          keep: Callable[[int], bool] | None = None) -> Iterator[tuple[Member, bytes | None]]:
+    fs, path = _fs(url, storage_options)
+    with fs.open(path, "rb", block_size=_BLOCK) as f:
+        size = f.size if getattr(f, "size", None) is not None else fs.size(path)
         try:
             tf = tarfile.open(fileobj=f, mode="r:")
         except tarfile.TarError as e:
@@ -119,38 +289,52 @@ def iter_tar(url: str, storage_options: dict | None = None, index: TarIndex | No
                 index.error = f"bad tar header after offset {tf.offset} ({e})"
                 return
             if info is None:
-                break
-            m = SA_MEMBER.match(info.name)
-            if not info.isfile() or m is None:
-                index.ignored += 1
+                index.error = _why_stopped(f, tf.offset, size)
+                return
+            m = _classify(info, index)
+            if m is None:
                 continue
-            try:
-                data = tf.extractfile(info).read()
-            except (tarfile.TarError, EOFError, OSError) as e:
-                index.error = f"truncated tar at {info.name} ({e})"
+            if info.offset_data + info.size > size:
+                index.error = f"truncated tar: {info.name} ends at {info.offset_data + info.size}, the file at {size}"
                 return
-            if len(data) != info.size:
-                index.error = f"truncated tar at {info.name}"
-                return
-            yield Member(info.name, int(m.group(1)), m.group(2), info.offset_data, info.size), data
-        # tarfile stops quietly at a damaged header after the first one: say so.
-        f.seek(tf.offset)
-        rest = f.read(512)
-        if rest and any(rest):
-            index.error = f"bad tar header at offset {tf.offset}; the members after it were not read"
+            image_id = int(m.group(1))
+            if keep is not None and not keep(image_id):
+                index.filtered += 1
+                continue
+            data = None
+            if with_data:
+                try:
+                    data = tf.extractfile(info).read()  # bytes in memory; nothing touches the filesystem
+                except (tarfile.TarError, EOFError, OSError) as e:
+                    index.error = f"truncated tar at {info.name} ({e})"
+                    return
+                if len(data) != info.size:
+                    index.error = f"truncated tar at {info.name} ({len(data)} of {info.size} bytes)"
+                    return
+            yield Member(info.name, image_id, m.group(2), info.offset_data, info.size), data
+
+
+def index_tar(url: str, storage_options: dict | None = None, index: TarIndex | None = None) -> Iterator[Member]:
+    """Members of an SA-1B tar (name, data offset, size) from their headers alone.
+
+    A truncated tar or a damaged header ends the walk: the members before it are yielded
+    and ``index.error`` says where and why.
+    """
+    for member, _ in _walk(url, storage_options, index if index is not None else TarIndex(), with_data=False):
+        yield member
+
+
+def iter_tar(url: str, storage_options: dict | None = None, index: TarIndex | None = None,
+             keep: Callable[[int], bool] | None = None) -> Iterator[tuple[Member, bytes]]:
+    """Members with their bytes in one sequential pass (what ingest needs to decode each image);
+    members whose id fails ``keep`` are skipped unread."""
+    yield from _walk(url, storage_options, index if index is not None else TarIndex(), True, keep)
 
 
 def read_member(url: str, offset: int, size: int, storage_options: dict | None = None) -> bytes:
     """One byte-range read of a member's data."""
-    fs, path = filesystem(url, storage_options)
+    fs, path = _fs(url, storage_options)
     data = fs.cat_file(path, start=offset, end=offset + size)
     if len(data) != size:
-        raise OSError(f"{redact(url)}: short read at {offset} ({len(data)} of {size} bytes)")
+        raise OSError(f"{show_url(url)}: short read at {offset} ({len(data)} of {size} bytes)")
     return data
-
-
-def member_kinds(members: list[Member]) -> dict[int, dict[str, Any]]:
-    out: dict[int, dict[str, Any]] = {}
-    for m in members:
-        out.setdefault(m.image_id, {})[m.kind] = m
-    return out

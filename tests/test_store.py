@@ -1,94 +1,237 @@
-"""FeatureStore: real Zarr v3 on disk and on moto S3; damage is detected, not trusted."""
+"""FeatureStore: real Zarr v3 on disk and on a moto S3 server; damage is detected, not trusted."""
 
 from __future__ import annotations
 
 import multiprocessing as mp
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from spar_pipeline.store import FeatureStore, StoreError, map_checksum
+from spar_pipeline.store import CODECS, FeatureStore, MapMissing, StoreError, StoreNotFound, map_checksum
 
 FP = {"backbone": "tiny-siglip", "weights": "00", "digest": "d1"}
+SHAPE = (5, 7, 16)
 
 
-def _map(seed: int, shape=(5, 7, 16)) -> np.ndarray:
+def _map(seed: int, shape=SHAPE) -> np.ndarray:
     rng = np.random.default_rng(seed)
     return (rng.standard_normal(shape) * 3).astype(np.float16)
 
 
-@pytest.mark.parametrize("where", ["local", "s3"])
-def test_round_trip(where, tmp_path, request):
-    url = str(tmp_path / "f.zarr") if where == "local" else f"{request.getfixturevalue('s3_bucket')}/run/f.zarr"
+@pytest.fixture(params=["local", "s3"])
+def url(request, tmp_path) -> str:
+    if request.param == "local":
+        return str(tmp_path / "f.zarr")
+    return f"{request.getfixturevalue('s3_bucket')}/run/features.zarr"
+
+
+def _s3_object(url: str, key: str) -> tuple[str, str]:
+    bucket, prefix = url.removeprefix("s3://").split("/", 1)
+    return bucket, f"{prefix}/{key}"
+
+
+def _put_raw(url: str, key: str, data: bytes) -> None:
+    """Overwrite one stored object behind the store's back."""
+    if url.startswith("s3://"):
+        import os
+
+        import boto3
+
+        bucket, k = _s3_object(url, key)
+        boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"]).put_object(Bucket=bucket, Key=k, Body=data)
+    else:
+        (Path(url) / key).write_bytes(data)
+
+
+def _get_raw(url: str, key: str) -> bytes:
+    if url.startswith("s3://"):
+        import os
+
+        import boto3
+
+        bucket, k = _s3_object(url, key)
+        client = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+        return client.get_object(Bucket=bucket, Key=k)["Body"].read()
+    return (Path(url) / key).read_bytes()
+
+
+def test_round_trip(url):
     st = FeatureStore.create(url, FP)
     arr = _map(0)
-    checksum = st.write(11, arr)
-    assert checksum == map_checksum(arr)
+    checksum = st.write(11, arr, {"seconds": 1.5})
+    assert checksum == map_checksum(arr) and len(checksum) == 32
     again = FeatureStore.open(url, fingerprint=FP)
-    np.testing.assert_array_equal(again.read(11), arr)
-    assert again.read(11).dtype == np.float16
-    assert again.verify(11, arr.shape, checksum) is None
-    assert again.fingerprint == FP and again.nbytes_stored(11) > 0
-    with pytest.raises(KeyError, match="image 12"):
-        again.read(12)
+    got = again.read(11)
+    assert got.dtype == np.float16 and got.shape == SHAPE
+    np.testing.assert_array_equal(got, arr)
+    assert again.exists(11) and not again.exists(12)
+    assert again.verify(11, SHAPE, checksum) is None
+    assert again.fingerprint == FP
+    assert 0 < again.nbytes_stored(11)
+    assert FeatureStore.create(url, FP).read(11).shape == SHAPE  # same fingerprint: create just opens
 
 
-def test_other_fingerprint_refused(tmp_path):
+@pytest.mark.parametrize("codec", CODECS)
+def test_codecs_round_trip(codec, tmp_path):
     url = str(tmp_path / "f.zarr")
+    FeatureStore.create(url, FP, codec=codec, level=1)
+    st = FeatureStore.open(url)  # the codec is the store's, recorded at create
+    assert (st.codec, st.level) == (codec, 1)
+    a = _map(4, (6, 9, 32))
+    st.write(4, a)
+    np.testing.assert_array_equal(st.read(4), a)
+
+
+def test_unknown_codec_lists_choices(tmp_path):
+    with pytest.raises(StoreError, match="available: blosc, zstd"):
+        FeatureStore.create(str(tmp_path / "f.zarr"), FP, codec="lzma")
+    assert not (tmp_path / "f.zarr").exists()
+
+
+def test_other_fingerprint_refused(url):
     FeatureStore.create(url, FP)
-    with pytest.raises(StoreError, match="another teacher.*digest"):
-        FeatureStore.create(url, dict(FP, digest="d2"))
+    other = dict(FP, digest="d2", stride=16)
+    with pytest.raises(StoreError, match=r"another teacher \(differs in: digest, stride\)"):
+        FeatureStore.create(url, other)
+    with pytest.raises(StoreError, match="digest"):
+        FeatureStore.open(url, fingerprint=other)
     assert FeatureStore.open(url).fingerprint == FP  # nothing was rewritten
 
 
 def test_open_missing_store(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no feature store"):
+    with pytest.raises(StoreNotFound, match="no feature store"):
         FeatureStore.open(str(tmp_path / "nope.zarr"))
+    assert not (tmp_path / "nope.zarr").exists()  # opening does not create
+    with pytest.raises(FileNotFoundError):  # StoreNotFound is also a FileNotFoundError
+        FeatureStore.open(f"file://{tmp_path}/nope.zarr")
+
+
+def test_errors_show_no_credentials(s3_bucket):
+    secret = "sEcReT-do-not-show"
+    url = f"{s3_bucket}/run/features.zarr"
+    with pytest.raises(StoreNotFound) as e:
+        FeatureStore.open(url, storage_options={"key": "AKIAFAKE", "secret": secret})
+    assert secret not in str(e.value) and url in str(e.value)
+    st = FeatureStore.create(url, FP, storage_options={"key": "AKIAFAKE", "secret": secret})
+    with pytest.raises(MapMissing) as e:
+        st.read(5)
+    assert secret not in str(e.value) + repr(st)
+    from spar_pipeline.store import _safe_url
+
+    shown = _safe_url(f"s3://AKIAFAKE:{secret}@bucket/f.zarr?X-Amz-Signature=abc")
+    assert secret not in shown and "abc" not in shown and "bucket/f.zarr" in shown
+
+
+def test_missing_map_is_store_and_key_error(tmp_path):
+    st = FeatureStore.create(str(tmp_path / "f.zarr"), FP)
+    for kind in (StoreError, KeyError):
+        with pytest.raises(kind, match="image 12: no map"):
+            st.read(12)
 
 
 def _writer(url: str, ids: list[int]) -> None:
-    st = FeatureStore.open(url)
+    st = FeatureStore.open(url, fingerprint=FP)
     for i in ids:
         st.write(i, _map(i))
 
 
-def test_concurrent_writers_both_land(tmp_path):
-    url = str(tmp_path / "f.zarr")
+def test_concurrent_writers_both_land_and_root_untouched(url):
     FeatureStore.create(url, FP)
+    root_meta = {k: _get_raw(url, k) for k in ("zarr.json", "maps/zarr.json")}
+    local = not url.startswith("s3://")
+    mtimes = {k: (Path(url) / k).stat().st_mtime_ns for k in root_meta} if local else {}
+    n = 24 if local else 12
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_writer, args=(url, list(range(k, 40, 2)))) for k in (0, 1)]
+    procs = [ctx.Process(target=_writer, args=(url, list(range(k, n, 2)))) for k in (0, 1)]
     for p in procs:
         p.start()
     for p in procs:
         p.join(120)
         assert p.exitcode == 0
     st = FeatureStore.open(url, fingerprint=FP)
-    for i in range(40):
-        assert st.verify(i, (5, 7, 16), map_checksum(_map(i))) is None
-    assert st.fingerprint == FP
+    assert [i for i in range(n) if st.verify(i, SHAPE, map_checksum(_map(i))) is not None] == []
+    assert {k: _get_raw(url, k) for k in root_meta} == root_meta  # group metadata never rewritten
+    if local:
+        assert {k: (Path(url) / k).stat().st_mtime_ns for k in root_meta} == mtimes
 
 
-def test_rewrite_is_idempotent(tmp_path):
+def test_rewrite_is_idempotent_and_never_absent(tmp_path):
     st = FeatureStore.create(str(tmp_path / "f.zarr"), FP)
     a = _map(3)
-    assert st.write(3, a) == st.write(3, a)
-    np.testing.assert_array_equal(st.read(3), a)
+    c = st.write(3, a)
+    seen, stop = [], threading.Event()
+
+    def reader():
+        while not stop.is_set():
+            try:
+                seen.append(map_checksum(st.read(3)))
+            except Exception as e:  # noqa: BLE001 - any failure is what the test looks for
+                seen.append(repr(e))
+
+    t = threading.Thread(target=reader)
+    t.start()
+    try:
+        for _ in range(30):
+            assert st.write(3, a) == c
+    finally:
+        stop.set()
+        t.join()
+    assert seen and set(seen) == {c}  # a reader during redos always saw the whole map
+    b = _map(4)
+    assert st.write(3, b) == map_checksum(b)  # a redo with other values replaces them
+    np.testing.assert_array_equal(st.read(3), b)
+    st.write(3, _map(5, (2, 3, 16)))  # another shape replaces the array
+    assert st.read(3).shape == (2, 3, 16)
 
 
-def test_verify_detects_damage(tmp_path):
-    url = str(tmp_path / "f.zarr")
+def test_verify_detects_damage(url):
     st = FeatureStore.create(url, FP)
     a = _map(1)
     c = st.write(1, a)
-    assert st.verify(1, (5, 8, 16), c).startswith("shape")
-    assert st.verify(1, a.shape, "0" * 32) == "checksum mismatch"
-    assert st.verify(2, a.shape, c) == "missing"
-    chunk = next(p for p in (Path(url) / "maps" / "1").rglob("*") if p.is_file() and p.name != "zarr.json")
-    chunk.write_bytes(b"garbage" * 10)
-    assert st.verify(1, a.shape, c).startswith("unreadable")
+    assert st.verify(1, (5, 8, 16), c) == "shape (5, 7, 16) != (5, 8, 16)"
+    assert st.verify(1, SHAPE, "0" * 32) == "checksum mismatch"
+    assert st.verify(2, SHAPE, c) == "missing"
+    _put_raw(url, "maps/1/c/0/0/0", b"garbage" * 10)
+    assert st.verify(1, SHAPE, c).startswith("unreadable: ")
+    assert "\n" not in st.verify(1, SHAPE, c)
     st.delete(1)
-    assert not st.exists(1)
+    assert not st.exists(1) and st.verify(1, SHAPE, c) == "missing"
+
+
+def test_bit_flip_in_chunk_detected(tmp_path):
+    url = str(tmp_path / "f.zarr")
+    st = FeatureStore.create(url, FP)
+    c = st.write(1, _map(1))
+    chunk = Path(url) / "maps/1/c/0/0/0"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    chunk.write_bytes(bytes(data))
+    assert st.verify(1, SHAPE, c) is not None  # zstd frame checksum, else the map checksum
+
+
+def test_cut_write_reads_as_missing(tmp_path):
+    """Metadata written, chunk not (a kill between the two puts): missing, never zeros."""
+    url = str(tmp_path / "f.zarr")
+    st = FeatureStore.create(url, FP)
+    c = st.write(7, _map(7))
+    (Path(url) / "maps/7/c/0/0/0").unlink()
+    assert not st.exists(7)
+    with pytest.raises(MapMissing, match="image 7"):
+        st.read(7)
+    assert st.verify(7, SHAPE, c) == "missing chunk"
+    assert st.write(7, _map(7)) == c and st.verify(7, SHAPE, c) is None  # the redo repairs it
+
+
+def test_per_map_attributes(tmp_path):
+    import json
+
+    url = str(tmp_path / "f.zarr")
+    st = FeatureStore.create(url, FP)
+    st.write(9, _map(9), {"seconds": 0.5})
+    attrs = json.loads((Path(url) / "maps/9/zarr.json").read_text())["attributes"]
+    assert attrs == {"image_id": 9, "fingerprint": "d1", "seconds": 0.5}
 
 
 def test_bad_shape_refused(tmp_path):

@@ -1,0 +1,192 @@
+"""Feature store: write/read throughput of FeatureStore against plain files holding the same bytes
+(``ndarray.tofile`` / ``np.fromfile``), and stored bytes per map against raw float16, per codec.
+Goals (issue 4): read ≥ 0.8× plain, ≤ 0.9× raw bytes lossless. Prints a table and writes
+bench/results/store.json.
+
+    python bench/bench_store.py [--quick]      (or: python -m bench store)
+
+The maps are synthetic but shaped like teacher features: a spatially smooth low-rank field
+(bilinearly upsampled from a coarse grid) mixed into D channels, plus a little noise, cast to
+float16. Everything runs on the local disk in a temporary folder, without fsync on either side.
+Reads are timed twice: from the page cache, and cold (files evicted with posix_fadvise first).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+if __package__ in (None, ""):  # run as a script: make spar_pipeline importable from the checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import save  # noqa: E402
+from spar_pipeline.store import FeatureStore  # noqa: E402
+
+# (label, FeatureStore codec, level): the default first, then the alternatives measured.
+VARIANTS = [
+    ("blosc-zstd-3-bitshuffle", "blosc", 3),
+    ("blosc-zstd-1-bitshuffle", "blosc", 1),
+    ("zstd-3", "zstd", 3),
+    ("zstd-1", "zstd", 1),
+    ("zstd-9", "zstd", 9),
+    ("blosc-zstd-3-shuffle", "blosc-shuffle", 3),
+    ("blosc-lz4-5-shuffle", "blosc-lz4", 5),
+    ("none", "none", 0),
+]
+
+
+def feature_maps(n: int, h: int, w: int, dim: int, rank: int = 48, noise: float = 0.1, seed: int = 0) -> list:
+    """Smooth low-rank [h, w, dim] float16 maps with small i.i.d. noise (std of the signal ≈ 1)."""
+    rng = np.random.default_rng(seed)
+    mix = rng.standard_normal((rank, dim)).astype(np.float32) / np.sqrt(rank)
+    out = []
+    for _ in range(n):
+        coarse = rng.standard_normal((h // 8 + 2, w // 8 + 2, rank)).astype(np.float32)
+        ys, xs = np.linspace(0, coarse.shape[0] - 1.001, h), np.linspace(0, coarse.shape[1] - 1.001, w)
+        y0, x0 = ys.astype(int), xs.astype(int)
+        fy, fx = (ys - y0)[:, None, None], (xs - x0)[None, :, None]
+        c = coarse
+        field = ((1 - fy) * ((1 - fx) * c[y0][:, x0] + fx * c[y0][:, x0 + 1])
+                 + fy * ((1 - fx) * c[y0 + 1][:, x0] + fx * c[y0 + 1][:, x0 + 1]))
+        x = field @ mix + noise * rng.standard_normal((h, w, dim)).astype(np.float32)
+        out.append(x.astype(np.float16))
+    return out
+
+
+def _timed(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def _evict(folder: Path) -> None:
+    """Drop the folder's files from the page cache (no root needed), so the next read hits the disk."""
+    os.sync()
+    for f in folder.rglob("*"):
+        if f.is_file():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def _cold(read, folder: Path, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        _evict(folder)
+        t = time.perf_counter()
+        read()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def _drop(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _plain(maps: list, root: Path, repeats: int) -> dict:
+    folder = root / "plain"
+
+    def write():
+        _drop(folder)
+        folder.mkdir()
+        for i, m in enumerate(maps):
+            m.tofile(folder / f"{i}.f16")
+            # the store's LocalStore writes a temporary file and renames it; give plain files no
+            # fsync either, so both sides pay the same (page-cache) price
+
+    def read():
+        for i, m in enumerate(maps):
+            np.fromfile(folder / f"{i}.f16", dtype=np.float16).reshape(m.shape)
+
+    tw = _timed(write, repeats)
+    tr = _timed(read, repeats)
+    return dict(write_s=tw, read_s=tr, cold_read_s=_cold(read, folder, repeats))
+
+
+def _store(maps: list, root: Path, codec: str, level: int, repeats: int) -> dict:
+    url = str(root / f"store-{codec}-{level}.zarr")
+    fp = {"backbone": "bench", "digest": "0" * 16}
+
+    def write():
+        _drop(Path(url))
+        st = FeatureStore.create(url, fp, codec=codec, level=level)
+        for i, m in enumerate(maps):
+            st.write(i, m)
+
+    st_holder = {}
+
+    def read():
+        st = st_holder.setdefault("st", FeatureStore.open(url))
+        for i in range(len(maps)):
+            st.read(i)
+
+    tw = _timed(write, repeats)
+    tr = _timed(read, repeats)
+    cold = _cold(read, Path(url), repeats)
+    st = FeatureStore.open(url)
+    for i, m in enumerate(maps[:2]):
+        assert np.array_equal(st.read(i), m), "lossless round trip"
+    stored = [st.nbytes_stored(i) for i in range(len(maps))]
+    return dict(write_s=tw, read_s=tr, cold_read_s=cold, bytes_per_map=statistics.mean(stored))
+
+
+def main(quick: bool = False) -> dict:
+    n, h, w, dim = (6, 32, 48, 768) if quick else (20, 64, 96, 768)
+    repeats = 3 if quick else 5
+    maps = feature_maps(n, h, w, dim)
+    raw = maps[0].nbytes
+    total_mb = n * raw / 1e6
+    tmp = Path(tempfile.mkdtemp(prefix="bench-store-", dir=os.environ.get("BENCH_TMP")))
+    try:
+        plain = _plain(maps, tmp, repeats)
+        rows = {}
+        for label, codec, level in VARIANTS:
+            r = _store(maps, tmp, codec, level, repeats)
+            rows[label] = dict(
+                codec=codec, level=level,
+                write_mb_s=total_mb / r["write_s"], read_mb_s=total_mb / r["read_s"],
+                cold_read_mb_s=total_mb / r["cold_read_s"],
+                read_vs_plain=plain["read_s"] / r["read_s"], cold_read_vs_plain=plain["cold_read_s"] / r["cold_read_s"],
+                write_vs_plain=plain["write_s"] / r["write_s"],
+                bytes_per_map=int(r["bytes_per_map"]), bytes_vs_raw=r["bytes_per_map"] / raw,
+            )
+    finally:
+        _drop(tmp)
+    plain_row = dict(write_mb_s=total_mb / plain["write_s"], read_mb_s=total_mb / plain["read_s"],
+                     cold_read_mb_s=total_mb / plain["cold_read_s"])
+
+    print(f"{n} maps of [{h},{w},{dim}] float16 ({raw / 1e6:.2f} MB raw each), median of {repeats}, "
+          f"local disk, {os.cpu_count()} CPUs")
+    print("MB/s of raw float16; 'cached' reads come from the page cache, 'cold' ones from disk (evicted first)")
+    print(f"{'variant':24s} {'write':>6s} {'w/plain':>7s} {'cached':>7s} {'c/plain':>7s} {'cold':>6s} "
+          f"{'cold/plain':>10s} {'bytes/map':>10s} {'vs raw':>6s}")
+    print(f"{'plain tofile/fromfile':24s} {plain_row['write_mb_s']:6.0f} {1.0:7.2f} {plain_row['read_mb_s']:7.0f} "
+          f"{1.0:7.2f} {plain_row['cold_read_mb_s']:6.0f} {1.0:10.2f} {raw:10d} {1.0:6.3f}")
+    for label, r in rows.items():
+        print(f"{label:24s} {r['write_mb_s']:6.0f} {r['write_vs_plain']:7.2f} {r['read_mb_s']:7.0f} "
+              f"{r['read_vs_plain']:7.2f} {r['cold_read_mb_s']:6.0f} {r['cold_read_vs_plain']:10.2f} "
+              f"{r['bytes_per_map']:10d} {r['bytes_vs_raw']:6.3f}")
+    return save("store", dict(
+        python=platform.python_version(), cpus=os.cpu_count(), quick=quick,
+        maps=n, shape=[h, w, dim], raw_bytes_per_map=raw, repeats=repeats,
+        data="smooth low-rank (rank 48, 8x bilinear upsampling) + 0.1 noise, float16",
+        plain=plain_row, store=rows,
+        goals={"read_vs_plain": ">= 0.8", "bytes_vs_raw": "<= 0.9 lossless"},
+    ))
+
+
+if __name__ == "__main__":
+    main(quick="--quick" in sys.argv)

@@ -1,0 +1,312 @@
+"""The ``evaluate`` stage: open-vocabulary mIoU on the six benchmarks, single-pass and sliding.
+
+One unit of work is one (model, mode, stride, dataset): every image is segmented with
+``segment.predict``, a ``SegMetric`` accumulates the whole set, one pass is timed
+(``timing``, paper §8), and one evaluate-manifest row is written. A key already in the
+manifest with the same image count is not redone. Finally ``RUN/reports/table.md`` and
+``table.csv`` are rewritten from the whole manifest in the shape of the paper's Table 1.
+
+Text features are computed once per dataset with the PRETRAINED backbone's text tower,
+before any student checkpoint is loaded (SPAR_PROTOCOL §5), so a checkpoint that also
+fine-tuned the text tower does not change them.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from spar_pipeline.run import Run
+
+__all__ = ["run", "timing", "feature_mse", "write_table", "table_rows", "resolve_checkpoint", "EvaluateError"]
+
+log = logging.getLogger(__name__)
+
+STAGE = "evaluate"
+BEST = ("checkpoints", "best.safetensors")
+MODE_CHOICES = ("single", "sliding")
+
+
+class EvaluateError(ValueError):
+    """The evaluation cannot run as asked; the message says what to pass instead."""
+
+
+# ---- public ------------------------------------------------------------------------------
+def run(run: Run | None, datasets: dict[str, str], *, checkpoints: Sequence[str] = ("pretrained",),
+        modes: Sequence[str] = ("single",), strides: Sequence[int] | None = None, limit: int | None = None,
+        backbone=None, recipe=None, device: str | torch.device | None = None, redo: bool = False) -> list[dict]:
+    """CLI ``evaluate``: mIoU of each checkpoint × mode(/stride) × dataset; rows returned and, with a run,
+    written to the evaluate manifest plus RUN/reports/table.md and table.csv.
+
+    ``datasets``: benchmark name -> dataset root (``--dataset NAME=PATH``, repeatable).
+    ``checkpoints``: "pretrained" (the recipe's weights), "best" (RUN/checkpoints/best.safetensors) or a
+    file path (``--checkpoint``, repeatable). ``modes``: "single" and/or "sliding" (``--mode``).
+    ``strides``: sliding strides (``--stride``, repeatable; default the recipe's ``evaluate.strides``).
+    ``limit``: first N images of each dataset (``--limit``). ``backbone``: a backbone name overriding the
+    recipe's, or a built Backbone used as the pretrained model. ``recipe``: a Recipe or preset name
+    (default the run's frozen one). ``redo``: evaluate again even when the manifest has the row.
+    """
+    from spar_pipeline.backbones import build
+    from spar_pipeline.datasets import get_dataset, resize_scale, templates
+    from spar_pipeline.metrics import SegMetric
+    from spar_pipeline.segment import predict
+
+    recipe = _recipe(run, recipe)
+    cfg = recipe.evaluate
+    if not datasets:
+        raise EvaluateError("no dataset given; pass --dataset NAME=PATH, e.g. --dataset voc21=data/VOCdevkit/VOC2012")
+    plan = _plan(modes, cfg.strides if strides is None else strides)
+    benches = {}
+    for name, root in datasets.items():
+        if name not in cfg.datasets:
+            raise EvaluateError(f"recipe {recipe.name!r} has no [evaluate.datasets.{name}] settings "
+                                f"(it has: {', '.join(cfg.datasets) or 'none'})")
+        benches[name] = get_dataset(name, root)
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    pretrained, bname = _pretrained(backbone, recipe, dev)
+    labels = _labels(checkpoints)
+    paths = {ck: resolve_checkpoint(run, ck) for ck in checkpoints}  # fail early on a missing file
+
+    # Text features once per dataset, from the pretrained text tower (never a student's), when first needed.
+    tmpl, text = templates(), {}
+
+    def text_of(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if name not in text:
+            emb, index = pretrained.class_embeddings(benches[name].class_lines, tmpl)
+            text[name] = (emb.detach().to(dev), index.to(dev))
+        return text[name]
+
+    existing = _existing(run) if run is not None and not redo else {}
+    rows: list[dict] = []
+    for ck, label in zip(checkpoints, labels):
+        model = None
+        for mode, stride in plan:
+            for name, bench in benches.items():
+                n = len(bench) if limit is None else min(int(limit), len(bench))
+                key = (label, mode, stride, name)
+                if key in existing and existing[key]["images"] == n:
+                    log.info("evaluate %s: already in the manifest, skipped", "/".join(map(str, key)))
+                    rows.append(existing[key])
+                    continue
+                txt = text_of(name)  # before the student is built: the pretrained text tower
+                if model is None:
+                    model = pretrained if paths[ck] is None else build(bname, paths[ck], device=dev)
+                ds_cfg, scale = cfg.datasets[name], resize_scale(name, cfg)
+                metric = SegMetric(bench.num_classes)
+                t0 = time.perf_counter()
+                first = None
+                for i in range(n):
+                    image, gt, _ = bench[i]
+                    first = image if first is None else first
+                    metric.update(predict(model, image, txt, ds_cfg, scale, mode, stride or None,
+                                          cfg.window_batch), gt)
+                seconds = (timing(model, first, mode, stride or None, cfg.timing_warmup, text=txt, cfg=ds_cfg,
+                                  resize_scale=scale, window_batch=cfg.window_batch) if first is not None else math.nan)
+                miou = metric.compute()["miou"]
+                row = {"model": label, "mode": mode, "stride": int(stride), "dataset": name, "miou": float(miou),
+                       "seconds_per_image": float(seconds), "images": int(n)}
+                log.info("evaluate %s %s%s %s: mIoU %.2f over %d images (%.1fs), %.4f s/image", label, mode,
+                         f" s={stride}" if stride else "", name, miou, n, time.perf_counter() - t0, seconds)
+                if run is not None:
+                    from spar_pipeline.manifest import write_part
+
+                    write_part(run, STAGE, [row])
+                rows.append(row)
+    if run is not None:
+        write_table(run)
+    return rows
+
+
+@torch.no_grad()
+def timing(backbone, image: np.ndarray, mode: str = "single", stride: int | None = None, warmup: int = 10, *,
+           text: tuple[torch.Tensor, torch.Tensor] | None = None, cfg=None, resize_scale: Sequence[int] | None = None,
+           window_batch: int = 60) -> float:
+    """Seconds for one image as paper §8 measures it: ``warmup`` passes, then the next one timed.
+
+    A pass is the whole ``segment.predict`` (resize, normalise, features, logits, post-processing),
+    sliding windows in sub-batches of ``window_batch`` (60). Without ``text`` one random query is used.
+    """
+    from spar_pipeline.recipe import DatasetEval
+    from spar_pipeline.segment import predict
+
+    if text is None:
+        g = torch.Generator().manual_seed(0)
+        emb = torch.nn.functional.normalize(torch.randn(2, backbone.dim, generator=g), dim=-1)
+        text = (emb, torch.tensor([0, 1]))
+    cfg = cfg or DatasetEval(logit_scale=40.0)
+
+    def once() -> None:
+        predict(backbone, image, text, cfg, resize_scale, mode, stride, window_batch)
+
+    for _ in range(max(0, int(warmup))):
+        once()
+    _sync()
+    t0 = time.perf_counter()
+    once()
+    _sync()
+    return time.perf_counter() - t0
+
+
+@torch.no_grad()
+def feature_mse(backbone, run: Run | str, image_ids: Sequence[int] | None = None, device=None) -> float:
+    """Held-out teacher MSE: mean over ``image_ids`` (default every image in the store's extract
+    manifest) of the MSE between ``backbone``'s single-pass dense map of the augmented image and
+    the stored teacher map, over all h·w·D elements (the training loss, no normalisation)."""
+    from spar_pipeline.augment import augmented_image
+    from spar_pipeline.manifest import read_manifest
+    from spar_pipeline.store import FeatureStore
+
+    run = Run(run) if isinstance(run, str) else run
+    if image_ids is None:
+        table = read_manifest(run, "extract")
+        image_ids = [r["image_id"] for r in table.to_pylist() if r.get("status") == "ok"]
+    if not image_ids:
+        raise EvaluateError(f"{run}: no extracted images to compare with; run `spar-pipeline extract` first")
+    store = FeatureStore.open(run.url_for("features.zarr"), storage_options=run.storage_options)
+    dev = torch.device(device) if device is not None else next(backbone.parameters()).device
+    mean = torch.tensor(backbone.mean, device=dev).view(1, 3, 1, 1)
+    std = torch.tensor(backbone.std, device=dev).view(1, 3, 1, 1)
+    total = 0.0
+    for image_id in image_ids:
+        x = augmented_image(run, int(image_id)).to(dev)[None].float() / 255.0
+        student = backbone.dense((x - mean) / std)[0].float()
+        teacher = torch.from_numpy(np.asarray(store.read(int(image_id)), dtype=np.float32)).to(dev)
+        if student.shape != teacher.shape:
+            raise EvaluateError(f"image {image_id}: student map {tuple(student.shape)} vs teacher "
+                                f"{tuple(teacher.shape)}; is this the run's backbone?")
+        total += float(torch.mean((student - teacher) ** 2))
+    return total / len(image_ids)
+
+
+def table_rows(rows: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
+    """Table 1 shape: one row per model × mode[/stride], one column per dataset (registry order),
+    then Mean (Mean6 when all six benchmarks are present; blank when a row lacks a dataset) and s/img
+    (mean seconds per image over the row's datasets). Returns (header, rows of formatted cells)."""
+    from spar_pipeline.datasets import list_datasets
+
+    order = list_datasets()
+    present = [d for d in order if any(r["dataset"] == d for r in rows)]
+    present += sorted({r["dataset"] for r in rows} - set(order))
+    mean_name = "Mean6" if set(order) <= set(present) else "Mean"
+    grid: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        grid.setdefault((r["model"], r["mode"], int(r["stride"])), {})[r["dataset"]] = r
+    header = ["model", "mode", *present, mean_name, "s/img"]
+    out = []
+    for (model, mode, stride), cells in grid.items():
+        vals = [cells[d]["miou"] if d in cells else None for d in present]
+        mean = (sum(vals) / len(vals)) if vals and all(v is not None for v in vals) else None
+        secs = [c["seconds_per_image"] for c in cells.values() if not math.isnan(c["seconds_per_image"])]
+        out.append([model, mode if mode == "single" else f"{mode} s={stride}",
+                    *(_fmt(v) for v in vals), _fmt(mean), f"{sum(secs) / len(secs):.4f}" if secs else ""])
+    return header, out
+
+
+def write_table(run: Run, rows: Sequence[dict] | None = None) -> tuple[str, str]:
+    """Rewrite RUN/reports/table.md and table.csv from ``rows`` (default: the whole evaluate manifest)."""
+    from spar_pipeline.manifest import read_manifest
+
+    if rows is None:
+        rows = read_manifest(run, STAGE).to_pylist()
+    header, body = table_rows(rows)
+    rule = "|" + "|".join("---" if i < 2 else "---:" for i in range(len(header))) + "|"
+    md = ["| " + " | ".join(header) + " |", rule]
+    md += ["| " + " | ".join(cells) + " |" for cells in body]
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(body)
+    run.write_bytes_atomic(("\n".join(md) + "\n").encode(), "reports", "table.md")
+    run.write_bytes_atomic(buf.getvalue().encode(), "reports", "table.csv")
+    return run.path("reports", "table.md"), run.path("reports", "table.csv")
+
+
+def resolve_checkpoint(run: Run | None, checkpoint: str) -> str | None:
+    """A local weights file for "best" (RUN/checkpoints/best.safetensors, copied from a remote run)
+    or a path; None for "pretrained"."""
+    if checkpoint == "pretrained":
+        return None
+    if checkpoint == "best":
+        if run is None:
+            raise EvaluateError("--checkpoint best needs --run (it reads RUN/checkpoints/best.safetensors)")
+        if not run.exists(*BEST):
+            raise EvaluateError(f"{run.url_for(*BEST)}: no best checkpoint yet; run `spar-pipeline train` first")
+        if run.local:
+            return run.path(*BEST)
+        local = os.path.join(tempfile.mkdtemp(prefix="spar-ckpt-"), "best.safetensors")
+        run.fs.get(run.path(*BEST), local)
+        return local
+    if not os.path.isfile(checkpoint):
+        raise EvaluateError(f"checkpoint {checkpoint!r}: no such file; use pretrained, best or a weights file")
+    return checkpoint
+
+
+# ---- helpers -----------------------------------------------------------------------------
+def _recipe(run: Run | None, recipe):
+    from spar_pipeline.recipe import load_recipe
+
+    if run is not None:
+        return run.resolve_recipe(recipe) if recipe is not None else run.recipe
+    if recipe is None:
+        raise EvaluateError("evaluate needs --run RUN or --recipe NAME (the recipe holds the per-dataset settings)")
+    return load_recipe(recipe) if isinstance(recipe, (str, Path)) else recipe
+
+
+def _plan(modes: Sequence[str], strides: Sequence[int]) -> list[tuple[str, int]]:
+    plan: list[tuple[str, int]] = []
+    for mode in modes:
+        if mode == "single":
+            plan.append(("single", 0))
+        elif mode == "sliding":
+            if not strides:
+                raise EvaluateError("sliding mode needs a stride: pass --stride S or set [evaluate].strides")
+            for s in strides:
+                if int(s) < 1:
+                    raise EvaluateError(f"--stride {s}: must be ≥ 1")
+                plan.append(("sliding", int(s)))
+        else:
+            raise EvaluateError(f"mode {mode!r}: choose from {', '.join(MODE_CHOICES)}")
+    return list(dict.fromkeys(plan))
+
+
+def _labels(checkpoints: Sequence[str]) -> list[str]:
+    """Row labels: "pretrained", "best", or a file's stem (its full path when two stems clash)."""
+    if not checkpoints:
+        raise EvaluateError("no checkpoint given; use pretrained, best or a weights file")
+    stems = [c if c in ("pretrained", "best") else Path(c).stem for c in checkpoints]
+    return [s if stems.count(s) == 1 else c for s, c in zip(stems, checkpoints)]
+
+
+def _pretrained(backbone, recipe, device: torch.device):
+    from spar_pipeline.backbones import build
+
+    if backbone is not None and not isinstance(backbone, str):
+        return backbone.to(device).eval(), backbone.name
+    name = backbone or recipe.recipe.backbone
+    return build(name, recipe.recipe.checkpoint or None, device=device), name
+
+
+def _existing(run: Run) -> dict[tuple, dict]:
+    from spar_pipeline.manifest import read_manifest
+
+    return {(r["model"], r["mode"], int(r["stride"]), r["dataset"]): r
+            for r in read_manifest(run, STAGE).to_pylist()}
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _fmt(v: float | None) -> str:
+    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"

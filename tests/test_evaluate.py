@@ -1,0 +1,228 @@
+"""The segmentation head and the evaluate stage: single and sliding, end to end on tiny-siglip."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from spar_pipeline import evaluate, segment
+from spar_pipeline.datasets import get_spec, make_synthetic
+from spar_pipeline.manifest import read_manifest
+from spar_pipeline.recipe import DatasetEval, load_recipe
+from spar_pipeline.run import Run
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from spar_pipeline.backbones import build
+
+    return build("tiny-siglip")
+
+
+class OneHot(torch.nn.Module):
+    """A perfect backbone for the test images: channel 0 holds 10 × class id, each 16×16 patch's
+    feature is the one-hot of that class, and each class's text embedding is the same one-hot."""
+
+    name, patch_size, window, dim = "onehot", 16, 48, 32
+    mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)  # normalised input = pixels / 255
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def dense(self, x):
+        self.calls += 1
+        k = torch.round(F.avg_pool2d(x[:, :1], 16) * 255 / 10).long().clamp(0, self.dim - 1)
+        return F.one_hot(k[:, 0], self.dim).float()
+
+    def class_embeddings(self, lines, templates):
+        emb, index = [], []
+        for c, line in enumerate(lines):
+            for _ in line.split(", "):
+                emb.append(F.one_hot(torch.tensor(c), self.dim).float())
+                index.append(c)
+        return torch.stack(emb), torch.tensor(index)
+
+
+def _striped_voc(root, n=3, h=64, w=96, seed=0):
+    """voc21 layout; classes constant over 16-pixel stripes (so bilinear logits are exact), ignore blocks."""
+    spec, rng = get_spec("voc21"), np.random.default_rng(seed)
+    base = root / spec.data_root
+    for d in (spec.img_dir, spec.ann_dir, "ImageSets/Segmentation"):
+        (base / d).mkdir(parents=True, exist_ok=True)
+    stems = []
+    for i in range(n):
+        cls = rng.integers(0, 21, (w if i % 2 == 0 else h) // 16)
+        stripes = np.repeat(cls, 16)
+        label = np.broadcast_to(stripes[None, :] if i % 2 == 0 else stripes[:, None], (h, w)).astype(np.uint8)
+        image = rng.integers(0, 256, (h, w, 3)).astype(np.uint8)
+        image[..., 0] = label * 10
+        label = label.copy()
+        label[16:32, 16:32] = 255  # ignored pixels (the image still encodes a class there)
+        stem = f"2007_{i:06d}"
+        Image.fromarray(image).save(base / spec.img_dir / f"{stem}.jpg", quality=100, subsampling=0)
+        Image.fromarray(label).save(base / spec.ann_dir / f"{stem}.png")
+        stems.append(stem)
+    (base / spec.ann_file).write_text("\n".join(stems) + "\n")
+    return root
+
+
+def test_resize_keep_ratio_mmcv_rule():
+    assert segment.resize_keep_ratio(375, 500, (2048, 672)) == (672, 896)  # VOC 500×375 -> 896×672
+    assert segment.resize_keep_ratio(1024, 2048, (2048, 1024)) == (1024, 2048)
+    assert segment.resize_keep_ratio(500, 3000, (2048, 672)) == (341, 2048)  # long side capped
+    img = np.zeros((375, 500, 3), np.uint8)
+    assert segment.resize_image(img, (2048, 672)).shape == (672, 896, 3)
+
+
+def test_postprocess_synonyms_and_thresholds():
+    # 3 queries -> 2 classes: class 0 has synonyms 0 and 1, class 1 is query 2
+    index = torch.tensor([0, 0, 1])
+    cos = torch.zeros(3, 1, 4)
+    cos[1, 0, 0] = 1.0  # synonym 1 of class 0 wins pixel 0
+    cos[2, 0, 1:] = 1.0  # class 1 wins pixels 1..3
+    pred = segment.postprocess(cos, index, DatasetEval(logit_scale=10.0))
+    assert pred.tolist() == [[0, 1, 1, 1]]
+    # prob_thd: uniform logits -> max class probability 2/3 (class 0's synonym max is 1/3)
+    flat = segment.postprocess(torch.zeros(3, 1, 2), index, DatasetEval(logit_scale=1.0, prob_thd=0.5))
+    assert flat.tolist() == [[0, 0]]
+    # area_thd: class 2 covers 1 of 4 non-background pixels (25% ≤ 30%) and is suppressed
+    cos = torch.zeros(3, 1, 5)
+    cos[0, 0, 0] = 1.0
+    cos[1, 0, 1:4] = 1.0
+    cos[2, 0, 4] = 1.0
+    cos[1, 0, 4] = 0.5  # second choice of the suppressed pixel
+    pred = segment.postprocess(cos, torch.arange(3), DatasetEval(logit_scale=10.0, area_thd=0.3))
+    assert pred.tolist() == [[0, 1, 1, 1, 1]]
+
+
+def test_sliding_one_window_equals_single(tiny):
+    x = torch.randn(1, 3, 64, 64)
+    emb = F.normalize(torch.randn(5, tiny.dim), dim=-1)
+    single = segment.single_logits(tiny, x, emb, (64, 64))
+    for stride in (24, 256):
+        torch.testing.assert_close(segment.sliding_logits(tiny, x, emb, (64, 64), stride), single)
+
+
+@pytest.mark.parametrize("hw", [(84, 126), (40, 50), (90, 64)])  # resized sides ≤ 2K: stride 256 still covers
+def test_predict_shapes_any_size(tiny, hw):
+    image = np.random.default_rng(0).integers(0, 256, (*hw, 3)).astype(np.uint8)
+    text = (F.normalize(torch.randn(4, tiny.dim), dim=-1), torch.tensor([0, 0, 1, 2]))
+    cfg = DatasetEval(logit_scale=40.0)
+    for mode, stride, scale in [("single", None, (256, 84)), ("sliding", 24, None), ("sliding", 256, (256, 84)),
+                                ("sliding", 24, (256, 84))]:
+        pred = segment.predict(tiny, image, text, cfg, scale, mode, stride, window_batch=3)
+        assert pred.shape == hw and pred.dtype == np.int64 and pred.min() >= 0 and pred.max() <= 2
+
+
+def test_perfect_predictor_scores_100_in_every_mode(tmp_path):
+    root = _striped_voc(tmp_path)
+    recipe = load_recipe("tiny-cpu")
+    recipe = dataclasses.replace(recipe, evaluate=dataclasses.replace(recipe.evaluate, resize=(96, 64),
+                                                                       timing_warmup=3))
+    model = OneHot()
+    rows = evaluate.run(None, {"voc21": str(root)}, modes=("single", "sliding"), strides=[16, 256],
+                        backbone=model, recipe=recipe)
+    assert [(r["mode"], r["stride"]) for r in rows] == [("single", 0), ("sliding", 16), ("sliding", 256)]
+    for r in rows:
+        assert r["miou"] == pytest.approx(100.0) and r["images"] == 3 and r["seconds_per_image"] > 0
+    model.calls = 0
+    evaluate.timing(model, np.zeros((64, 96, 3), np.uint8), "single", warmup=3)
+    assert model.calls == 4  # 3 warm-up passes, the 4th timed
+
+
+def test_evaluate_end_to_end_tiny_siglip(tmp_path, tiny):
+    from safetensors.torch import save_file
+
+    data = tmp_path / "data"
+    make_synthetic("voc20", data, n=2, size=(48, 64))  # resized to 84×112
+    make_synthetic("cityscapes", data, n=2, size=(48, 48))  # resized to 128×128 (≤ 2K: stride 256 covers it)
+    run = Run(str(tmp_path / "run"))
+    recipe = load_recipe("tiny-cpu")
+    run.resolve_recipe(dataclasses.replace(recipe, evaluate=dataclasses.replace(recipe.evaluate, timing_warmup=0)))
+    state = {k: v.clone().contiguous() for k, v in tiny.state_dict().items()}
+    first = next(k for k in state if k.endswith("weight") and "trunk.blocks" in k)
+    state[first] += 0.5  # a "student" that differs from the pretrained weights
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    save_file(state, str(tmp_path / "run" / "checkpoints" / "best.safetensors"))
+
+    datasets = {"voc20": str(data), "cityscapes": str(data / "cityscapes")}
+    rows = evaluate.run(run, datasets, checkpoints=["pretrained", "best"], modes=("single", "sliding"),
+                        strides=[24, 256])
+    assert len(rows) == 2 * 3 * 2
+    assert {(r["model"], r["mode"], r["stride"]) for r in rows} == {
+        (m, mode, s) for m in ("pretrained", "best") for mode, s in (("single", 0), ("sliding", 24), ("sliding", 256))}
+    assert all(0 <= r["miou"] <= 100 and r["images"] == 2 and r["seconds_per_image"] > 0 for r in rows)
+    table = read_manifest(run, "evaluate")
+    assert table.num_rows == 12
+
+    md = (tmp_path / "run" / "reports" / "table.md").read_text().splitlines()
+    assert md[0] == "| model | mode | voc20 | cityscapes | Mean | s/img |"
+    assert any(line.startswith("| best | sliding s=24 |") for line in md) and len(md) == 2 + 6
+    with open(tmp_path / "run" / "reports" / "table.csv") as f:
+        body = list(csv.reader(f))
+    assert body[0][-2] == "Mean" and len(body) == 7
+    for line in body[1:]:
+        assert float(line[-2]) == pytest.approx((float(line[2]) + float(line[3])) / 2, abs=0.01)
+
+    again = evaluate.run(run, datasets, checkpoints=["pretrained"], modes=("single",))  # already done: no work
+    assert [r["miou"] for r in again] == [r["miou"] for r in rows if r["model"] == "pretrained" and r["stride"] == 0]
+    assert read_manifest(run, "evaluate").num_rows == 12
+
+
+def test_table_mean6_and_missing_cells():
+    rows = [{"model": "m", "mode": "single", "stride": 0, "dataset": d, "miou": float(i), "seconds_per_image": 0.5,
+             "images": 1} for i, d in enumerate(["voc21", "voc20", "context60", "context59", "ade20k", "cityscapes"])]
+    rows.append({"model": "s", "mode": "sliding", "stride": 24, "dataset": "voc21", "miou": 1.0,
+                 "seconds_per_image": math.nan, "images": 1})
+    header, body = evaluate.table_rows(rows)
+    assert header[-2] == "Mean6"
+    assert body[0][-2] == "2.50" and body[1][1] == "sliding s=24" and body[1][-2] == "" and body[1][-1] == ""
+
+
+def test_sliding_gaps_are_refused(tiny):
+    emb = F.normalize(torch.randn(2, tiny.dim), dim=-1)
+    with pytest.raises(ValueError, match="stride 256 > window 64 leaves pixels of the width"):
+        segment.sliding_logits(tiny, torch.zeros(1, 3, 64, 200), emb, (64, 200), 256)
+
+
+def test_errors_say_what_to_pass(tmp_path):
+    recipe = load_recipe("tiny-cpu")
+    with pytest.raises(evaluate.EvaluateError, match="--run RUN or --recipe"):
+        evaluate.run(None, {"voc21": str(tmp_path)})
+    with pytest.raises(evaluate.EvaluateError, match="choose from single, sliding"):
+        evaluate.run(None, {"voc21": str(tmp_path)}, modes=("fast",), recipe=recipe)
+    with pytest.raises(evaluate.EvaluateError, match="needs --run"):
+        evaluate.resolve_checkpoint(None, "best")
+
+
+def test_feature_mse_against_the_store(tmp_path, tiny):
+    from spar_pipeline import augment, ingest
+    from spar_pipeline.store import FeatureStore
+    from spar_pipeline.testing import make_sa1b_source
+    from spar_pipeline.windows import sliding_features
+
+    run = Run(str(tmp_path / "run"))
+    run.resolve_recipe("tiny-cpu")
+    ingest.run(run, [str(t) for t in make_sa1b_source(tmp_path / "src", n_tars=1, per_tar=2, seed=1)])
+    augment.run(run)
+    ids = read_manifest(run, "augment")["image_id"].to_pylist()
+    store = FeatureStore.create(run.url_for("features.zarr"), {"teacher": "test"})
+    want = []
+    for i in ids:  # the teacher written by hand (the extract stage's own tests cover extract)
+        img = augment.augmented_image(run, i).float()[None] / 255.0
+        x = (img - torch.tensor(tiny.mean).view(1, 3, 1, 1)) / torch.tensor(tiny.std).view(1, 3, 1, 1)
+        with torch.no_grad():
+            teacher = sliding_features(tiny, x, window=64, stride=24).numpy().astype(np.float16)
+            store.write(i, teacher)
+            want.append(float(((tiny.dense(x)[0] - torch.from_numpy(teacher.astype(np.float32))) ** 2).mean()))
+    mse = evaluate.feature_mse(tiny, run, ids)
+    assert 0 < mse == pytest.approx(sum(want) / len(want), rel=1e-5)
+    assert evaluate.feature_mse(tiny, run, ids[:1]) == pytest.approx(want[0], rel=1e-5)
