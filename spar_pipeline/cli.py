@@ -66,13 +66,17 @@ def _guarded(fn: Callable[[], Any]) -> Any:
     from spar_pipeline.recipe import RecipeError
     from spar_pipeline.run import RunError
 
-    known: tuple[type[BaseException], ...] = (_UserError, RecipeError, RunError, ManifestError, FileNotFoundError, PermissionError)
-    try:
-        from spar_pipeline.store import StoreError
+    from spar_pipeline.backbones import BackboneError
+    from spar_pipeline.checkpoint import CheckpointError
+    from spar_pipeline.datasets import DatasetError
+    from spar_pipeline.evaluate import EvaluateError
+    from spar_pipeline.store import StoreError
+    from spar_pipeline.train import TrainError
 
-        known += (StoreError,)
-    except ImportError:  # pragma: no cover - store not installed yet
-        pass
+    known: tuple[type[BaseException], ...] = (
+        _UserError, BackboneError, RecipeError, RunError, ManifestError, StoreError, TrainError, EvaluateError, DatasetError,
+        CheckpointError, FileNotFoundError, PermissionError, IsADirectoryError,
+    )
     try:
         return fn()
     except known as e:
@@ -161,11 +165,192 @@ def extract(
         from spar_pipeline import extract as stage
 
         r = _open_run(run, recipe, storage_options)
-        gpu_ids = [int(g) for g in gpus.split(",") if g.strip()] if gpus else None
-        report = stage.run(r, gpus=gpu_ids, workers=workers, scheduler=scheduler, window_batch=window_batch, limit=limit)
+        report = stage.run(r, gpus=_gpu_ids(gpus), workers=workers, scheduler=scheduler, window_batch=window_batch, limit=limit)
         console.print(f"extract: {report}")
 
     _guarded(go)
+
+
+@app.command()
+def train(
+    run: str = RunOpt,
+    recipe: Optional[str] = RecipeOpt,
+    gpus: Optional[str] = typer.Option(None, help="Comma-separated GPU ids: one DDP process per GPU (NCCL)."),
+    processes: Optional[int] = typer.Option(None, help="CPU data-parallel processes (gloo; default 1)."),
+    epochs: Optional[int] = typer.Option(None, help="Override the recipe's epochs."),
+    trainable: Optional[str] = typer.Option(None, help="Parameters to train, e.g. blk_-1,blk_-2 (recipe default)."),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from the newest intact checkpoint "
+                                "(default), or clear the run's checkpoints and train manifest first."),
+    storage_options: Optional[str] = StorageOpt,
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Distil the student: single pass on each augmented image, MSE against its stored teacher map.
+
+    Reads: augment + extract manifests, the tars, RUN/features.zarr. Writes: RUN/checkpoints/ (step and
+    epoch checkpoints, best.safetensors, best_open_clip.safetensors) and RUN/manifests/train/ (a row per
+    epoch with val_mse). Resume: rerun (or --resume) continues from the newest intact checkpoint.
+    """
+    _setup_logging(verbose)
+
+    def go():
+        from spar_pipeline import train as stage
+
+        r = _open_run(run, recipe, storage_options)
+        rep = stage.run(r, gpus=_gpu_ids(gpus), epochs=epochs, trainable=trainable, resume=resume,
+                        processes=processes)
+        best = rep.get("best_val_mse")
+        typer.echo(f"train: step {rep['step']} ({rep['steps_this_run']} this run) on {rep['train_images']} images, "
+                   f"{rep['world']} process(es); held-out MSE best {best if best is None else f'{best:.4g}'} "
+                   f"vs pretrained {rep['baseline_val_mse']:.4g}; data wait {rep['data_wait_share']:.1%}; "
+                   f"best student: {r.url_for('checkpoints', 'best.safetensors')}")
+
+    _guarded(go)
+
+
+@app.command()
+def evaluate(
+    dataset: List[str] = typer.Option(..., "--dataset", help="NAME=PATH, repeatable; NAME in voc21, voc20, context60, "
+                                      "context59, ade20k, cityscapes; PATH the dataset root in the mmseg layout."),
+    run: Optional[str] = typer.Option(None, "--run", help="Run folder (its recipe, best checkpoint and reports)."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="Preset or TOML path when there is no --run."),
+    checkpoint: List[str] = typer.Option(["pretrained"], "--checkpoint", help="pretrained, best or a weights file; "
+                                         "repeatable to compare several models in one call."),
+    mode: List[str] = typer.Option(["single"], "--mode", help="single and/or sliding (repeatable)."),
+    stride: List[int] = typer.Option([], "--stride", help="Sliding stride(s), repeatable (recipe default)."),
+    backbone: Optional[str] = typer.Option(None, help="Backbone name overriding the recipe's."),
+    limit: Optional[int] = typer.Option(None, help="First N images of each dataset."),
+    redo: bool = typer.Option(False, "--redo", help="Evaluate again rows already in the manifest."),
+    storage_options: Optional[str] = StorageOpt,
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Open-vocabulary mIoU on the benchmarks, single pass and/or sliding window, with seconds per image.
+
+    Reads: the datasets, the checkpoint(s). Writes (with --run): RUN/manifests/evaluate/ (a row per model,
+    mode, stride, dataset) and RUN/reports/table.md + table.csv. Resume: rows already there are skipped.
+    """
+    _setup_logging(verbose)
+
+    def go():
+        from spar_pipeline import evaluate as stage
+
+        datasets = _datasets(dataset)
+        r = _open_run(run, recipe, storage_options) if run else None
+        rows = stage.run(r, datasets, checkpoints=checkpoint, modes=mode, strides=stride or None, limit=limit,
+                         backbone=backbone, recipe=None if r is not None else recipe, redo=redo)
+        for row in rows:
+            s = f" s={row['stride']}" if row["stride"] else ""
+            typer.echo(f"{row['model']:>12} {row['mode']}{s:<6} {row['dataset']:<11} mIoU {row['miou']:6.2f}  "
+                       f"{row['seconds_per_image']:.4f} s/image  ({row['images']} images)")
+        if r is not None:
+            typer.echo(f"table: {r.url_for('reports', 'table.md')}")
+
+    _guarded(go)
+
+
+ImageArg = typer.Argument(..., help="An image file (any format PIL reads).")
+CkptOpt = typer.Option("pretrained", "--checkpoint", help="pretrained, best (needs --run) or a weights file.")
+ToolRunOpt = typer.Option(None, "--run", help="Run folder: its recipe's backbone and best checkpoint.")
+BackboneOpt = typer.Option(None, "--backbone", help="Backbone name (default: the run's, else siglip2-b16-512).")
+
+
+def _tool_run(run: Optional[str], storage_options: Optional[str]):
+    return _open_run(run, None, storage_options) if run else None
+
+
+@app.command()
+def segment(
+    image: str = ImageArg,
+    classes: str = typer.Option(..., "--classes", help='"road, car, sky" (one name per class), "background; person, '
+                                "man; car\" (classes by ';', synonyms by ','), or a .txt file of class lines."),
+    out: str = typer.Option("segmentation.png", "--out", help="PNG to write."),
+    checkpoint: str = CkptOpt,
+    run: Optional[str] = ToolRunOpt,
+    backbone: Optional[str] = BackboneOpt,
+    logit_scale: float = typer.Option(40.0, help="Cosine logit scale (the reference demo's 40)."),
+    prob_thd: float = typer.Option(0.0, help="Pixels less sure than this go to the first class (background)."),
+    mode: str = typer.Option("single", help="single or sliding."),
+    stride: Optional[int] = typer.Option(None, help="Sliding stride (mode sliding)."),
+    storage_options: Optional[str] = StorageOpt,
+) -> None:
+    """Segment one image into the given classes: the image with the label map overlaid and a legend."""
+    _setup_logging(False)
+
+    def go():
+        from spar_pipeline import tools
+
+        if mode == "sliding" and not stride:
+            raise _UserError("--mode sliding needs --stride S, e.g. --stride 24")
+        out_info = tools.segment_image(image, tools.parse_classes(classes), out, backbone=backbone,
+                                       checkpoint=checkpoint, run=_tool_run(run, storage_options),
+                                       logit_scale=logit_scale, prob_thd=prob_thd, mode=mode, stride=stride)
+        typer.echo(f"segment: wrote {out_info['out']} (classes present: {', '.join(out_info['present']) or 'none'})")
+
+    _guarded(go)
+
+
+@app.command()
+def features(
+    image: str = ImageArg,
+    out: str = typer.Option(..., "--out", help="FILE.npy to write (float32 [h, w, D], no pickle)."),
+    checkpoint: str = CkptOpt,
+    run: Optional[str] = ToolRunOpt,
+    backbone: Optional[str] = BackboneOpt,
+    storage_options: Optional[str] = StorageOpt,
+) -> None:
+    """Raw dense features of one single pass on the full image: [h, w, D] float32, not normalised."""
+    _setup_logging(False)
+
+    def go():
+        from spar_pipeline import tools
+
+        shape = tools.features(image, out, backbone=backbone, checkpoint=checkpoint, run=_tool_run(run, storage_options))
+        typer.echo(f"features: wrote {out} shape {list(shape)}")
+
+    _guarded(go)
+
+
+@app.command()
+def pca(
+    image: str = ImageArg,
+    out: str = typer.Option("pca.png", "--out", help="PNG to write (teacher left, student right)."),
+    run: Optional[str] = ToolRunOpt,
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="Student weights (default: the run's best, "
+                                             "else pretrained)."),
+    stride: int = typer.Option(24, help="Teacher sliding-window stride."),
+    backbone: Optional[str] = BackboneOpt,
+    storage_options: Optional[str] = StorageOpt,
+) -> None:
+    """First three principal components of the features as RGB: teacher (sliding) and student (single
+    pass) side by side on one shared basis."""
+    _setup_logging(False)
+
+    def go():
+        from spar_pipeline import tools
+
+        info = tools.pca_image(image, out, backbone=backbone, run=_tool_run(run, storage_options),
+                               checkpoint=checkpoint, stride=stride)
+        typer.echo(f"pca: wrote {info['out']} ({info['size'][0]}×{info['size'][1]}, student: {info['student']})")
+
+    _guarded(go)
+
+
+def _datasets(items: List[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise _UserError(f"--dataset {item!r}: expected NAME=PATH, e.g. --dataset voc21=data/VOCdevkit/VOC2012")
+        out[name.strip()] = path.strip()
+    return out
+
+
+def _gpu_ids(gpus: Optional[str]) -> Optional[list[int]]:
+    if not gpus:
+        return None
+    try:
+        return [int(g) for g in gpus.split(",") if g.strip()]
+    except ValueError:
+        raise _UserError(f"--gpus {gpus!r}: expected comma-separated GPU ids, e.g. --gpus 0,1") from None
 
 
 @app.command("run")
@@ -176,8 +361,10 @@ def run_cmd(
     gpus: Optional[str] = typer.Option(None, help="Comma-separated GPU ids for extract and train."),
     workers: Optional[int] = typer.Option(None, help="CPU worker processes for extract."),
     scheduler: Optional[str] = typer.Option(None, help="Existing Dask scheduler for extract, e.g. tcp://host:8786."),
-    limit: Optional[int] = typer.Option(None, help="Ingest at most about N images."),
+    limit: Optional[int] = typer.Option(None, help="Hold at most about N images in the run (a total: reruns add none)."),
     epochs: Optional[int] = typer.Option(None, help="Override the recipe's epochs."),
+    dataset: List[str] = typer.Option([], "--dataset", help="NAME=PATH (repeatable): also evaluate pretrained and "
+                                      "student, single pass and sliding, on these benchmarks."),
     storage_options: Optional[str] = StorageOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
@@ -194,9 +381,8 @@ def run_cmd(
         probe = Run(run, json.loads(storage_options) if storage_options else None)
         default = "tiny-cpu" if recipe is None and probe.frozen_recipe() is None else recipe
         r = _open_run(run, default, storage_options)
-        gpu_ids = [int(g) for g in gpus.split(",") if g.strip()] if gpus else None
-        out = run_all(r, list(sources or []), gpus=gpu_ids, workers=workers, scheduler=scheduler, limit=limit,
-                      epochs=epochs)
+        out = run_all(r, list(sources or []), gpus=_gpu_ids(gpus), workers=workers, scheduler=scheduler, limit=limit,
+                      epochs=epochs, datasets=_datasets(dataset))
         typer.echo(out["summary"])
 
     _guarded(go)

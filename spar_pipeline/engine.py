@@ -38,8 +38,13 @@ def _cpu_threads(workers: int) -> str:
 def open_engine(
     gpus: list[int] | None = None, workers: int | None = None, scheduler: str | None = None
 ) -> Iterator[Engine]:
+    import warnings
+
     import dask
     from distributed import Client, LocalCluster, Nanny, Scheduler, SpecCluster
+
+    # The scheduler always serves HTTP (health, metrics) and says so when 8787 is taken: not the user's concern.
+    warnings.filterwarnings("ignore", message="Port .* is already in use", category=UserWarning)
 
     # distributed resets its loggers to INFO on import; the stage's own progress line is enough.
     if logging.getLogger("spar_pipeline").getEffectiveLevel() > logging.DEBUG:

@@ -45,9 +45,13 @@ def run_all(
     scheduler: str | None = None,
     limit: int | None = None,
     epochs: int | None = None,
+    datasets: dict[str, str] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    from spar_pipeline import augment, extract, ingest
+    """Every stage in order, each resuming; ``datasets`` (name -> root) adds the evaluate stage."""
+    from spar_pipeline import augment, extract, ingest, train
+    from spar_pipeline.report import write_summary
+    from spar_pipeline.showcase import held_out_look
 
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
@@ -64,20 +68,25 @@ def run_all(
             raise ValueError("give SA-1B tars (or --links/--tars); only tiny recipes generate their own source")
         sources = embedded_source(run)
     reports: dict[str, Any] = {}
-    reports["ingest"] = timed("ingest", ingest.run, run, sources, limit=limit, storage_options=run.storage_options)
+    if limit is not None:  # a total for the run, so a rerun finishes the same selection instead of adding to it
+        limit = max(0, int(limit) - manifest.read_manifest(run, "ingest").num_rows)
+    if limit == 0:
+        log.info("ingest: the run already holds the --limit of images; nothing to ingest")
+    else:
+        reports["ingest"] = timed("ingest", ingest.run, run, sources, limit=limit, storage_options=run.storage_options)
     reports["augment"] = timed("augment", augment.run, run)
     reports["extract"] = timed("extract", extract.run, run, gpus=gpus, workers=workers, scheduler=scheduler,
                                progress=progress)
-    try:
-        from spar_pipeline import train
-    except ImportError:  # pragma: no cover - stage not built yet
-        train = None
-    if train is not None:
-        reports["train"] = timed("train", train.run, run, gpus=gpus, epochs=epochs, progress=progress)
+    reports["train"] = timed("train", train.run, run, gpus=gpus, epochs=epochs, progress=progress)
+    if datasets:
+        from spar_pipeline import evaluate
+
+        checkpoints = ["pretrained", "best"] if run.exists(*evaluate.BEST) else ["pretrained"]
+        reports["evaluate"] = timed("evaluate", evaluate.run, run, datasets, checkpoints=checkpoints,
+                                    modes=("single", "sliding"))
+    reports["look"] = timed("held-out look", held_out_look, run)
     reports["seconds"] = time.perf_counter() - t0
     reports["timings"] = timings
-    from spar_pipeline.report import write_summary
-
     reports["summary"] = write_summary(run, reports)
     return reports
 

@@ -50,12 +50,29 @@ def write_summary(run: Run, reports: dict[str, Any]) -> str:
         lines += ["", "## Training (held-out MSE against the teacher)", "", "| epoch | step | train_loss | val_mse | baseline_val_mse |",
                   "|---|---|---|---|---|"]
         for t in sorted(train, key=lambda r: r["epoch"]):
-            lines.append(f"| {t['epoch']} | {t['step']} | {t['train_loss']:.5f} | {t['val_mse']:.5f} | "
-                         f"{t['baseline_val_mse']:.5f} |")
-    extra = reports.get("extras") or {}
-    if extra:
-        lines += ["", "## Single pass against sliding window", ""]
-        lines += [f"- {k}: {v}" for k, v in extra.items()]
+            lines.append(f"| {t['epoch']} | {t['step']} | {t['train_loss']:.4g} | {t['val_mse']:.4g} | "
+                         f"{t['baseline_val_mse']:.4g} |")
+        last = max(train, key=lambda r: r["epoch"])
+        if last["baseline_val_mse"] > 0:
+            lines += ["", f"Held-out MSE after epoch {last['epoch']}: {last['val_mse'] / last['baseline_val_mse']:.2f}× "
+                      "the pretrained single pass (lower is closer to the teacher)."]
+    evaluated = manifest.read_manifest(run, "evaluate").to_pylist()
+    if evaluated:
+        lines += ["", "## Open-vocabulary segmentation (mIoU)", "", "| model | mode | dataset | mIoU | s/image |",
+                  "|---|---|---|---|---|"]
+        for e in evaluated:
+            mode = e["mode"] + (f" s={e['stride']}" if e["stride"] else "")
+            lines.append(f"| {e['model']} | {mode} | {e['dataset']} | {e['miou']:.2f} | {e['seconds_per_image']:.4f} |")
+    look = reports.get("look") or {}
+    if look:
+        w, h = look["size"]
+        single = look["seconds"].get("single (student)")
+        lines += ["", f"## Single pass against sliding window (held-out image {look['image_id']}, {w}×{h})", "",
+                  "| model | s/image | × single pass |", "|---|---|---|"]
+        for k, v in look["seconds"].items():
+            lines.append(f"| {k} | {v:.4f} | {v / single:.1f}× |" if single else f"| {k} | {v:.4f} | |")
+        lines += ["", f"Pictures (student: {look['checkpoint']}):", ""]
+        lines += [f"- {k}: `{v}`" for k, v in look["pictures"].items()]
     if reports.get("timings"):
         lines += ["", "## Stage wall time", ""]
         lines += [f"- {k}: {v:.1f} s" for k, v in reports["timings"].items()]

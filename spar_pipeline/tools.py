@@ -131,10 +131,15 @@ def pca_image(image_path: str, out_png: str, *, backbone=None, run: Run | str | 
 
 
 def overlay(image: np.ndarray, label: np.ndarray, names: Sequence[str], alpha: float = 0.5,
-            font_size: int = 28) -> tuple[np.ndarray, list[str]]:
+            font_size: int | None = None) -> tuple[np.ndarray, list[str]]:
     """uint8 [H, W, 3]: the image blended with class colours at ``alpha``, plus a legend (upper right)
-    of the classes present (28 px ≈ the demo's fontsize 20 at 100 dpi). Returns (picture, names present)."""
+    of the classes present (28 px ≈ the demo's fontsize 20 at 100 dpi; smaller on small images so the
+    legend never hides them). Returns (picture, names present)."""
     from PIL import Image, ImageDraw
+
+    if font_size is None:
+        present_n = max(1, len(np.unique(label)))
+        font_size = int(max(8, min(28, image.shape[0] // (3 * present_n), image.shape[1] // 14)))
 
     colours = class_colours(len(names))
     blend = (1 - alpha) * image.astype(np.float32) + alpha * colours[label].astype(np.float32)

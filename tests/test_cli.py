@@ -24,11 +24,12 @@ def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return out
 
 
-@pytest.mark.parametrize("command", ["ingest", "augment", "extract", "run", "status", "verify"])
+@pytest.mark.parametrize("command", ["ingest", "augment", "extract", "train", "evaluate", "run", "status", "verify",
+                                     "segment", "features", "pca"])
 def test_every_command_has_help_saying_what_it_does(command):
     text = cli(command, "--help").stdout
     assert "--run" in text
-    if command in ("ingest", "augment", "extract"):
+    if command in ("ingest", "augment", "extract", "train", "evaluate"):
         assert "Reads" in text and "Writes" in text and ("Resume" in text or "resume" in text)
 
 

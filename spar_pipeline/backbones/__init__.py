@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
-from spar_pipeline.backbones.base import Backbone, parse_trainable
+from spar_pipeline.backbones.base import Backbone, BackboneError, parse_trainable
 
-__all__ = ["Backbone", "build", "list_backbones", "get_spec", "parse_trainable"]
+__all__ = ["Backbone", "BackboneError", "build", "list_backbones", "get_spec", "parse_trainable"]
 
 log = logging.getLogger(__name__)
 _CONFIGS = Path(__file__).parent / "configs"
@@ -32,7 +32,7 @@ def _registry() -> dict[str, dict[str, Any]]:
     specs = {}
     for path in sorted(_CONFIGS.glob("*.json")):
         if path.stem in specs:  # pragma: no cover - file names are unique
-            raise ValueError(f"backbone {path.stem!r} registered twice")
+            raise BackboneError(f"backbone {path.stem!r} registered twice")
         specs[path.stem] = json.loads(path.read_text())
     return specs
 
@@ -43,7 +43,7 @@ def list_backbones() -> list[str]:
 
 def get_spec(name: str) -> dict[str, Any]:
     if name not in _registry():
-        raise ValueError(f"unknown backbone {name!r}; available: {', '.join(list_backbones())}")
+        raise BackboneError(f"unknown backbone {name!r}; available: {', '.join(list_backbones())}")
     return copy.deepcopy(_registry()[name])
 
 
@@ -96,7 +96,7 @@ def load_state(path: str) -> dict[str, torch.Tensor]:
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
-        raise ValueError(f"{path}: not a state dict")
+        raise BackboneError(f"{path}: not a state dict")
     return state
 
 
@@ -115,7 +115,7 @@ def _load_into(b: Backbone, state: dict[str, torch.Tensor], source: str) -> None
         missing, extra = sorted(want - got)[:3], sorted(got - want)[:3]
         detail = (f"missing {missing}, unexpected {extra}" if missing or extra
                   else str(e).splitlines()[-1].strip()[:200])
-        raise ValueError(f"checkpoint {source} does not fit backbone {b.name}: {detail}") from None
+        raise BackboneError(f"checkpoint {source} does not fit backbone {b.name}: {detail}") from None
 
 
 def _tokenizer(spec: dict, name: str):
@@ -199,9 +199,16 @@ def _load_weights(b: Backbone, spec: dict, checkpoint: str | None) -> None:
     if checkpoint and os.path.exists(checkpoint):
         _load_into(b, load_state(checkpoint), checkpoint)
         return
+    shipped = spec.get("weights") and Path(__file__).parent.parent / "assets" / spec["weights"]
+    if shipped and not checkpoint:  # weights that ship inside the package (mini-clip)
+        if shipped.is_file():
+            _load_into(b, load_state(str(shipped)), str(shipped))
+        else:
+            log.warning("%s: shipped weights %s missing: using RANDOM weights", b.name, shipped)
+        return
     pretrained = spec.get("pretrained")
     if checkpoint and (not pretrained or checkpoint != pretrained.get("tag")):
-        raise ValueError(f"checkpoint {checkpoint!r} for {b.name}: not a file and not a known pretrained tag"
+        raise BackboneError(f"checkpoint {checkpoint!r} for {b.name}: not a file and not a known pretrained tag"
                          + (f" (known: {pretrained['tag']})" if pretrained else ""))
     path = pretrained and _hub_file(pretrained["hf_hub"], ("open_clip_model.safetensors", "model.safetensors",
                                                             "open_clip_pytorch_model.bin"))

@@ -10,7 +10,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["Backbone", "parse_trainable"]
+__all__ = ["Backbone", "BackboneError", "parse_trainable"]
+
+
+class BackboneError(ValueError):
+    """A backbone name, checkpoint or trainable spec that cannot be used; the message says what can."""
 
 log = logging.getLogger(__name__)
 
@@ -28,13 +32,13 @@ def parse_trainable(spec: str) -> list[tuple[str, int | None]]:
             continue
         prefix, _, index = token.rpartition("_")
         if prefix not in ("blk", "mlp", "qkv"):
-            raise ValueError(f"trainable option {token!r}: unknown; use {', '.join(TRAINABLE_OPTIONS)} (i may be negative)")
+            raise BackboneError(f"trainable option {token!r}: unknown; use {', '.join(TRAINABLE_OPTIONS)} (i may be negative)")
         try:
             out.append((prefix, int(index)))
         except ValueError:
-            raise ValueError(f"trainable option {token!r}: the block index must be an integer, e.g. {prefix}_-1") from None
+            raise BackboneError(f"trainable option {token!r}: the block index must be an integer, e.g. {prefix}_-1") from None
     if not out:
-        raise ValueError(f"trainable spec {spec!r} names nothing; use e.g. blk_-1,blk_-2")
+        raise BackboneError(f"trainable spec {spec!r} names nothing; use e.g. blk_-1,blk_-2")
     return out
 
 
@@ -109,7 +113,7 @@ class Backbone(nn.Module):
                 params = self.patchembed_params()
             else:
                 if not -len(blocks) <= i < len(blocks):
-                    raise ValueError(f"trainable option {kind}_{i}: {self.name} has {len(blocks)} blocks")
+                    raise BackboneError(f"trainable option {kind}_{i}: {self.name} has {len(blocks)} blocks")
                 named = list(blocks[i].named_parameters())
                 if kind == "blk":
                     params = [p for _, p in named]
@@ -119,7 +123,7 @@ class Backbone(nn.Module):
                     params = [p for n, p in named if any(k in n for k in self.qkv_keys)]
             if not params:
                 label = kind if i is None else f"{kind}_{i}"
-                raise ValueError(f"trainable option {label!r} matches no parameter of {self.name}"
+                raise BackboneError(f"trainable option {label!r} matches no parameter of {self.name}"
                                  + (" (it has no learned position embedding)" if kind == "posembed" else ""))
             for p in params:
                 p.requires_grad_(True)

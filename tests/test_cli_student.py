@@ -1,0 +1,106 @@
+"""train, evaluate and the picture tools as a user types them, then `run` end to end and again."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from spar_pipeline import manifest
+from spar_pipeline.datasets import make_synthetic
+from spar_pipeline.run import Run
+from spar_pipeline.testing import make_sa1b_source
+
+from test_cli import cli  # tests/ is on sys.path (pytest's prepend import mode)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("student")
+    make_sa1b_source(tmp / "src", n_tars=2, per_tar=4, seed=3)
+    run = str(tmp / "run")
+    cli("ingest", str(tmp / "src" / "*.tar"), "--run", run, "--recipe", "tiny-cpu")
+    cli("augment", "--run", run)
+    cli("extract", "--run", run, "--workers", "1")
+    out = cli("train", "--run", run, "--epochs", "2")
+    assert "train:" in out.stdout
+    return run, tmp
+
+
+def test_train_writes_epochs_best_and_resumes_to_nothing(trained):
+    run, _ = trained
+    rows = manifest.read_manifest(Run(run), "train").to_pylist()
+    assert sorted(r["epoch"] for r in rows) == [0, 1]
+    assert all(np.isfinite(r["val_mse"]) and r["baseline_val_mse"] > 0 for r in rows)
+    assert (Path(run) / "checkpoints" / "best.safetensors").is_file()
+    cli("train", "--run", run, "--epochs", "2")  # a rerun finds both epochs done
+    assert len(manifest.read_manifest(Run(run), "train")) == 2
+    status = cli("status", "--run", run).stdout
+    assert "train" in status
+
+
+def test_train_errors_are_one_line(trained, tmp_path):
+    run, _ = trained
+    out = cli("train", "--run", run, "--gpus", "0,x", check=False)
+    assert out.returncode == 2 and "--gpus" in out.stderr and "Traceback" not in out.stderr
+    out = cli("train", "--run", run, "--trainable", "blk_99", check=False)
+    assert out.returncode == 2 and "Traceback" not in out.stderr and "blk_99" in out.stderr
+
+
+def test_evaluate_compares_models_and_modes(trained):
+    run, tmp = trained
+    data = make_synthetic("cityscapes", tmp / "data", n=2, size=(64, 128))
+    out = cli("evaluate", "--run", run, "--dataset", f"cityscapes={data / 'cityscapes'}", "--checkpoint", "pretrained",
+              "--checkpoint", "best", "--mode", "single", "--mode", "sliding", "--stride", "32")
+    rows = manifest.read_manifest(Run(run), "evaluate").to_pylist()
+    keys = {(r["model"], r["mode"], r["stride"]) for r in rows}
+    assert keys == {("pretrained", "single", 0), ("pretrained", "sliding", 32), ("best", "single", 0),
+                    ("best", "sliding", 32)}
+    assert all(0 <= r["miou"] <= 100 and r["seconds_per_image"] > 0 and r["images"] == 2 for r in rows)
+    assert out.stdout.count("mIoU") == 4
+    with open(Path(run) / "reports" / "table.csv") as f:
+        table = list(csv.reader(f))
+    assert table[0][:2] == ["model", "mode"] and len(table) == 5
+    again = cli("evaluate", "--run", run, "--dataset", f"cityscapes={data / 'cityscapes'}")
+    assert len(manifest.read_manifest(Run(run), "evaluate")) == 4 and "mIoU" in again.stdout  # skipped, not redone
+    bad = cli("evaluate", "--run", run, "--dataset", "cityscapes", check=False)
+    assert bad.returncode == 2 and "NAME=PATH" in bad.stderr
+    bad = cli("evaluate", "--run", run, "--dataset", "nosuch=/x", check=False)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+
+
+def test_picture_tools(trained):
+    run, tmp = trained
+    img = tmp / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (96, 160, 3), dtype=np.uint8)).save(img)
+    seg = tmp / "seg.png"
+    out = cli("segment", str(img), "--classes", "background; sky; road, street", "--run", run, "--checkpoint", "best",
+              "--out", str(seg))
+    assert "classes present" in out.stdout and Image.open(seg).size == (160, 96)
+    npy = tmp / "f.npy"
+    cli("features", str(img), "--run", run, "--out", str(npy))
+    arr = np.load(npy, allow_pickle=False)
+    assert arr.shape[:2] == (96 // 16, 160 // 16) and arr.dtype == np.float32 and np.isfinite(arr).all()
+    pca = tmp / "pca.png"
+    out = cli("pca", str(img), "--run", run, "--out", str(pca))
+    assert "student: best" in out.stdout and Image.open(pca).size == (320, 96)
+    bad = cli("segment", str(tmp / "missing.png"), "--classes", "a, b", "--backbone", "tiny-siglip", check=False)
+    assert bad.returncode == 2 and "missing.png" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_run_end_to_end_then_nothing_left(tmp_path):
+    run = str(tmp_path / "demo")
+    out = cli("run", "--run", run, "--epochs", "1", "--limit", "12")
+    summary = (Path(run) / "reports" / "summary.md").read_text()
+    assert out.stdout.strip().startswith("# spar-pipeline run summary")
+    for section in ("| extract |", "Training (held-out MSE", "Single pass against sliding window", "pca:", "segmentation:"):
+        assert section in summary, section
+    pictures = [p for p in (Path(run) / "reports").glob("*.png")]
+    assert {p.name.split("_")[0] for p in pictures} == {"pca", "segmentation"}
+    counts = {s: len(manifest.read_manifest(Run(run), s)) for s in ("ingest", "augment", "extract", "train")}
+    again = cli("run", "--run", run, "--epochs", "1", "--limit", "12")
+    assert {s: len(manifest.read_manifest(Run(run), s)) for s in counts} == counts
+    assert "# spar-pipeline run summary" in again.stdout
