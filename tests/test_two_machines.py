@@ -107,9 +107,12 @@ def _upload_source(bucket: str, local: Path, n_tars: int, per_tar: int) -> str:
     return f"{bucket}/source/*.tar"
 
 
-def _prepare(bucket: str, root: Path, n_tars: int, per_tar: int) -> tuple[str, Path]:
-    """Tars uploaded from a scratch dir that is then deleted; ingest and augment from the client machine."""
+def _prepare(bucket: str, root: Path, n_tars: int, per_tar: int, cli: bool = True) -> tuple[str, Path]:
+    """Tars uploaded from a scratch dir that is then deleted; ingest and augment from the client
+    machine (through the CLI, or in this process where the test is about extract only)."""
     import shutil
+
+    from spar_pipeline import augment, ingest
 
     scratch = root / "upload"
     source = _upload_source(bucket, scratch, n_tars, per_tar)
@@ -117,8 +120,14 @@ def _prepare(bucket: str, root: Path, n_tars: int, per_tar: int) -> tuple[str, P
     client_dir = root / "client"
     client_dir.mkdir()
     run = f"{bucket}/run"
-    _cli(client_dir, "ingest", source, "--run", run, "--recipe", "tiny-cpu")
-    _cli(client_dir, "augment", "--run", run)
+    if cli:
+        _cli(client_dir, "ingest", source, "--run", run, "--recipe", "tiny-cpu")
+        _cli(client_dir, "augment", "--run", run)
+    else:
+        r = Run(run)
+        r.resolve_recipe("tiny-cpu")
+        ingest.run(r, [source])
+        augment.run(r)
     return run, client_dir
 
 
@@ -181,7 +190,7 @@ def _processing(client, machine: "Machine") -> list[str]:
 
 def test_worker_machine_killed_mid_extract_the_other_finishes(cluster, s3_bucket):
     address, machines, client, root = cluster
-    run_url, client_dir = _prepare(s3_bucket, root, n_tars=2, per_tar=8)
+    run_url, client_dir = _prepare(s3_bucket, root, n_tars=2, per_tar=8, cli=False)
     run = Run(run_url)
     proc = subprocess.Popen([str(BIN / "spar-pipeline"), "extract", "--run", run_url, "--scheduler", address],
                             cwd=client_dir, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
