@@ -146,8 +146,9 @@ def augment(
 def extract(
     run: str = RunOpt,
     recipe: Optional[str] = RecipeOpt,
-    gpus: Optional[str] = typer.Option(None, help="Comma-separated GPU ids: one worker process per GPU."),
-    workers: Optional[int] = typer.Option(None, help="CPU worker processes (default on a machine without GPUs: 1)."),
+    gpus: Optional[str] = typer.Option(None, help="Comma-separated GPU ids: one worker process per GPU "
+                                       "(default: every GPU of this machine)."),
+    workers: Optional[int] = typer.Option(None, help="CPU worker processes instead (default on a machine without GPUs: 1)."),
     scheduler: Optional[str] = typer.Option(None, help="Use an existing Dask scheduler, e.g. tcp://host:8786."),
     window_batch: Optional[int] = typer.Option(None, help="Windows per forward (recipe default)."),
     limit: Optional[int] = typer.Option(None, help="Extract at most N new images."),
@@ -175,8 +176,10 @@ def extract(
 def train(
     run: str = RunOpt,
     recipe: Optional[str] = RecipeOpt,
-    gpus: Optional[str] = typer.Option(None, help="Comma-separated GPU ids: one DDP process per GPU (NCCL)."),
-    processes: Optional[int] = typer.Option(None, help="CPU data-parallel processes (gloo; default 1)."),
+    gpus: Optional[str] = typer.Option(None, help="Comma-separated GPU ids: one DDP process per GPU (NCCL; "
+                                       "default: every GPU of this machine)."),
+    processes: Optional[int] = typer.Option(None, help="CPU data-parallel processes instead (gloo; default 1 "
+                                            "on a machine without GPUs)."),
     epochs: Optional[int] = typer.Option(None, help="Override the recipe's epochs."),
     trainable: Optional[str] = typer.Option(None, help="Parameters to train, e.g. blk_-1,blk_-2 (recipe default)."),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from the newest intact checkpoint "
@@ -209,8 +212,9 @@ def train(
 
 @app.command()
 def evaluate(
-    dataset: List[str] = typer.Option(..., "--dataset", help="NAME=PATH, repeatable; NAME in voc21, voc20, context60, "
-                                      "context59, ade20k, cityscapes; PATH the dataset root in the mmseg layout."),
+    dataset: List[str] = typer.Option([], "--dataset", help="NAME=PATH, repeatable; NAME in voc21, voc20, context60, "
+                                      "context59, ade20k, cityscapes; PATH the dataset root in the mmseg layout. "
+                                      "None: the held-out teacher MSE of each checkpoint (needs --run)."),
     run: Optional[str] = typer.Option(None, "--run", help="Run folder (its recipe, best checkpoint and reports)."),
     recipe: Optional[str] = typer.Option(None, "--recipe", help="Preset or TOML path when there is no --run."),
     checkpoint: List[str] = typer.Option(["pretrained"], "--checkpoint", help="pretrained, best or a weights file; "
@@ -235,6 +239,13 @@ def evaluate(
 
         datasets = _datasets(dataset)
         r = _open_run(run, recipe, storage_options) if run else None
+        if not datasets:
+            if r is None:
+                raise _UserError("give --dataset NAME=PATH, or --run RUN for the held-out teacher MSE of each checkpoint")
+            for ck in checkpoint:
+                model = _student(r, ck, backbone)
+                typer.echo(f"{ck:>12} held-out teacher MSE {stage.feature_mse(model, r):.6g}")
+            return
         rows = stage.run(r, datasets, checkpoints=checkpoint, modes=mode, strides=stride or None, limit=limit,
                          backbone=backbone, recipe=None if r is not None else recipe, redo=redo)
         for row in rows:
@@ -316,7 +327,8 @@ def pca(
     run: Optional[str] = ToolRunOpt,
     checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="Student weights (default: the run's best, "
                                              "else pretrained)."),
-    stride: int = typer.Option(24, help="Teacher sliding-window stride."),
+    stride: Optional[int] = typer.Option(None, help="Teacher sliding-window stride (default: the run's "
+                                         "[extract].stride, else 24)."),
     backbone: Optional[str] = BackboneOpt,
     storage_options: Optional[str] = StorageOpt,
 ) -> None:
@@ -327,11 +339,20 @@ def pca(
     def go():
         from spar_pipeline import tools
 
-        info = tools.pca_image(image, out, backbone=backbone, run=_tool_run(run, storage_options),
-                               checkpoint=checkpoint, stride=stride)
+        r = _tool_run(run, storage_options)
+        s = stride or (r.recipe.extract.stride if r is not None else 24)  # 24: the paper's teacher stride
+        info = tools.pca_image(image, out, backbone=backbone, run=r, checkpoint=checkpoint, stride=s)
         typer.echo(f"pca: wrote {info['out']} ({info['size'][0]}×{info['size'][1]}, student: {info['student']})")
 
     _guarded(go)
+
+
+def _student(r, checkpoint: str, backbone: Optional[str]):
+    from spar_pipeline.backbones import build
+    from spar_pipeline.evaluate import resolve_checkpoint
+
+    path = resolve_checkpoint(r, checkpoint)
+    return build(backbone or r.recipe.recipe.backbone, path or r.recipe.recipe.checkpoint or None)
 
 
 def _datasets(items: List[str]) -> dict[str, str]:
@@ -362,6 +383,9 @@ def run_cmd(
     workers: Optional[int] = typer.Option(None, help="CPU worker processes for extract."),
     scheduler: Optional[str] = typer.Option(None, help="Existing Dask scheduler for extract, e.g. tcp://host:8786."),
     limit: Optional[int] = typer.Option(None, help="Hold at most about N images in the run (a total: reruns add none)."),
+    links: Optional[str] = typer.Option(None, help="Official SA-1B links file (file_name<TAB>url), with --tars."),
+    tars: Optional[str] = typer.Option(None, help="With --links: comma-separated tar names, e.g. sa_000000,sa_000001."),
+    max_id: Optional[int] = typer.Option(None, help="Keep sa_<id> with id ≤ N (recipe default; paper: 25000)."),
     epochs: Optional[int] = typer.Option(None, help="Override the recipe's epochs."),
     dataset: List[str] = typer.Option([], "--dataset", help="NAME=PATH (repeatable): also evaluate pretrained and "
                                       "student, single pass and sliding, on these benchmarks."),
@@ -382,7 +406,8 @@ def run_cmd(
         default = "tiny-cpu" if recipe is None and probe.frozen_recipe() is None else recipe
         r = _open_run(run, default, storage_options)
         out = run_all(r, list(sources or []), gpus=_gpu_ids(gpus), workers=workers, scheduler=scheduler, limit=limit,
-                      epochs=epochs, datasets=_datasets(dataset))
+                      epochs=epochs, datasets=_datasets(dataset), links=links,
+                      tars=tars.split(",") if tars else None, max_id=max_id)
         typer.echo(out["summary"])
 
     _guarded(go)

@@ -61,6 +61,10 @@ def open_engine(
             finally:
                 client.close()
             return
+        if not gpus and workers is None:
+            from spar_pipeline.devices import default_gpus
+
+            gpus = list(default_gpus()) or None  # a GPU machine uses its GPUs unless told --workers N
         if gpus:
             env = lambda g: {"CUDA_VISIBLE_DEVICES": str(g), "OMP_NUM_THREADS": _cpu_threads(len(gpus))}  # noqa: E731
             specs = {

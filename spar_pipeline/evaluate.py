@@ -159,17 +159,19 @@ def timing(backbone, image: np.ndarray, mode: str = "single", stride: int | None
 
 @torch.no_grad()
 def feature_mse(backbone, run: Run | str, image_ids: Sequence[int] | None = None, device=None) -> float:
-    """Held-out teacher MSE: mean over ``image_ids`` (default every image in the store's extract
-    manifest) of the MSE between ``backbone``'s single-pass dense map of the augmented image and
-    the stored teacher map, over all h·w·D elements (the training loss, no normalisation)."""
+    """Held-out teacher MSE: mean over ``image_ids`` (default: the held-out slice that ``train`` never
+    trains on and validates with) of the MSE between ``backbone``'s single-pass dense map of the
+    augmented image and the stored teacher map, over all h·w·D elements (the training loss)."""
     from spar_pipeline.augment import augmented_image
-    from spar_pipeline.manifest import read_manifest
     from spar_pipeline.store import FeatureStore
+    from spar_pipeline.train import TrainError, plan
 
     run = Run(run) if isinstance(run, str) else run
     if image_ids is None:
-        table = read_manifest(run, "extract")
-        image_ids = [r["image_id"] for r in table.to_pylist() if r.get("status") == "ok"]
+        try:
+            image_ids = [it.image_id for it in plan(run)[1]]
+        except TrainError as e:
+            raise EvaluateError(str(e)) from None
     if not image_ids:
         raise EvaluateError(f"{run}: no extracted images to compare with; run `spar-pipeline extract` first")
     store = FeatureStore.open(run.url_for("features.zarr"), storage_options=run.storage_options)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from spar_pipeline import manifest
-from spar_pipeline.run import Run
+from spar_pipeline.run import Run, RunError
 
 __all__ = ["run_all", "embedded_source"]
 
@@ -46,9 +46,13 @@ def run_all(
     limit: int | None = None,
     epochs: int | None = None,
     datasets: dict[str, str] | None = None,
+    links: str | None = None,
+    tars: list[str] | None = None,
+    max_id: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Every stage in order, each resuming; ``datasets`` (name -> root) adds the evaluate stage."""
+    """Every stage in order, each resuming; ``datasets`` (name -> root) adds the evaluate stage.
+    ``links``/``tars``/``max_id``/``limit`` are ingest's (``limit`` counts the whole run, not this call)."""
     from spar_pipeline import augment, extract, ingest, train
     from spar_pipeline.report import write_summary
     from spar_pipeline.showcase import held_out_look
@@ -63,9 +67,10 @@ def run_all(
         log.info("%s finished in %.1f s", name, timings[name])
         return out
 
-    if not sources:
+    if not sources and not links:
         if not run.recipe.name.startswith(("tiny", "mini")):
-            raise ValueError("give SA-1B tars (or --links/--tars); only tiny recipes generate their own source")
+            raise RunError(f"recipe {run.recipe.name!r} needs SA-1B tars: give paths/globs/URLs or --links FILE "
+                           "--tars NAMES; only the tiny and mini recipes generate their own source")
         sources = embedded_source(run)
     reports: dict[str, Any] = {}
     if limit is not None:  # a total for the run, so a rerun finishes the same selection instead of adding to it
@@ -73,7 +78,8 @@ def run_all(
     if limit == 0:
         log.info("ingest: the run already holds the --limit of images; nothing to ingest")
     else:
-        reports["ingest"] = timed("ingest", ingest.run, run, sources, limit=limit, storage_options=run.storage_options)
+        reports["ingest"] = timed("ingest", ingest.run, run, sources, links=links, tars=tars, max_id=max_id,
+                                  limit=limit, storage_options=run.storage_options)
     reports["augment"] = timed("augment", augment.run, run)
     reports["extract"] = timed("extract", extract.run, run, gpus=gpus, workers=workers, scheduler=scheduler,
                                progress=progress)

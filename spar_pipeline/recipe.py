@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from spar_pipeline.resources import stages_dir
+from spar_pipeline.store import CODECS
 
 __all__ = [
     "RecipeError",
@@ -98,7 +99,8 @@ class ExtractConfig:
     window_batch: int = field(metadata=_check(_positive))  # windows per forward, may span images
     precision: str = field(metadata=_check(_choice("fp16", "bf16", "fp32")))  # autocast dtype on GPU
     images_per_task: int = field(default=8, metadata=_check(_positive))  # images in one unit of work
-    codec: str = field(default="zstd", metadata=_check(_choice("zstd", "blosc", "none")))
+    # teacher-map codec; "blosc" (zstd over bit-shuffled float16) measured smallest in bench/bench_store.py
+    codec: str = field(default="blosc", metadata=_check(_choice(*CODECS)))
     codec_level: int = field(default=3, metadata=_check(_non_negative))
     retries: int = field(default=3, metadata=_check(_non_negative))  # a failed batch is retried this often
 

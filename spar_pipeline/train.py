@@ -212,9 +212,11 @@ class Trainer:
         if world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            # Frozen parameters have requires_grad False, so DDP leaves them out of its buckets.
+            # Frozen parameters have requires_grad False, so DDP leaves them out of its buckets; but a spec
+            # such as "all" also unfreezes parameters the dense path never uses (text tower, pool query), so
+            # DDP must look for unused ones, as the reference's ddp_find_unused_parameters_true does.
             self.net = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                           find_unused_parameters=False)
+                           find_unused_parameters=True)
         self.mean = torch.tensor(self.model.mean, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(self.model.std, device=self.device).view(1, 3, 1, 1)
         self.checkpointer = Checkpointer(self.run, self.state_dict, every=spec.checkpoint_every,
@@ -563,6 +565,10 @@ def run(run: Run, *, gpus: list[int] | None = None, epochs: int | None = None, t
     if cfg.batch_size != 1:
         raise TrainError(f"[train].batch_size={cfg.batch_size}: the method trains with batch size 1 per device "
                          "(images differ in size); set it to 1 and use more GPUs for a larger effective batch")
+    if not gpus and processes is None:
+        from spar_pipeline.devices import default_gpus
+
+        gpus = list(default_gpus()) or None  # a GPU machine trains on its GPUs unless told --processes N
     if gpus:
         if not torch.cuda.is_available() or max(gpus) >= torch.cuda.device_count():
             raise TrainError(f"--gpus {','.join(map(str, gpus))}: this machine has {torch.cuda.device_count()} "

@@ -38,6 +38,11 @@ def test_train_writes_epochs_best_and_resumes_to_nothing(trained):
     assert (Path(run) / "checkpoints" / "best.safetensors").is_file()
     cli("train", "--run", run, "--epochs", "2")  # a rerun finds both epochs done
     assert len(manifest.read_manifest(Run(run), "train")) == 2
+    # feature-level evaluation needs no benchmark: the same held-out MSE the trainer reported
+    out = cli("evaluate", "--run", run, "--checkpoint", "pretrained", "--checkpoint", "best").stdout
+    mse = {line.split()[0]: float(line.split()[-1]) for line in out.splitlines() if "held-out teacher MSE" in line}
+    assert mse["pretrained"] == pytest.approx(rows[0]["baseline_val_mse"], rel=1e-3)
+    assert mse["best"] == pytest.approx(min(r["val_mse"] for r in rows), rel=1e-3)
     status = cli("status", "--run", run).stdout
     assert "train" in status
 
@@ -92,15 +97,19 @@ def test_picture_tools(trained):
 
 
 def test_run_end_to_end_then_nothing_left(tmp_path):
+    """`make demo` as shipped: the student ends closer to the teacher than the pretrained model."""
     run = str(tmp_path / "demo")
-    out = cli("run", "--run", run, "--epochs", "1", "--limit", "12")
+    out = cli("run", "--run", run)
     summary = (Path(run) / "reports" / "summary.md").read_text()
     assert out.stdout.strip().startswith("# spar-pipeline run summary")
     for section in ("| extract |", "Training (held-out MSE", "Single pass against sliding window", "pca:", "segmentation:"):
         assert section in summary, section
     pictures = [p for p in (Path(run) / "reports").glob("*.png")]
     assert {p.name.split("_")[0] for p in pictures} == {"pca", "segmentation"}
+    epochs = manifest.read_manifest(Run(run), "train").to_pylist()
+    assert len(epochs) == Run(run).recipe.train.epochs
+    assert min(e["val_mse"] for e in epochs) < 0.95 * epochs[0]["baseline_val_mse"]
     counts = {s: len(manifest.read_manifest(Run(run), s)) for s in ("ingest", "augment", "extract", "train")}
-    again = cli("run", "--run", run, "--epochs", "1", "--limit", "12")
+    again = cli("run", "--run", run)
     assert {s: len(manifest.read_manifest(Run(run), s)) for s in counts} == counts
     assert "# spar-pipeline run summary" in again.stdout
