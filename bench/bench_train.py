@@ -112,7 +112,7 @@ def main(quick: bool = False) -> dict:
             print(f"tiny-siglip  loader_workers={r['loader_workers']}  {r['steps']} steps  "
                   f"{r['steps_per_second']:.2f} steps/s  data wait {100 * r['data_wait_share']:.1f}% "
                   f"(steady {100 * r['steady_data_wait_share']:.1f}%)")
-        n, steps = (5, 3) if quick else (7, 5)
+        n, steps = (4, 2) if quick else (7, 5)
         run = _siglip2_run(tmp, n, workers=2)
         out["loader_512x768_images_per_second_one_process"] = _loader_rate(run)
         print(f"loader alone, 512×768 (tar read + decode + augment + Zarr read): "

@@ -58,7 +58,9 @@ def _naive(backbone, x: torch.Tensor, window: int, stride: int) -> torch.Tensor:
 
 
 def _measure(name: str, size: int, stride: int, batch: int, device: torch.device, repeats: int) -> dict:
-    b = build(name).eval().to(device)
+    from bench.common import backbone
+
+    b = backbone(name).to(device)
     K = b.window
     x = torch.randn(1, 3, size, size, device=device)
     n = len(window_starts(size, K, stride)) ** 2
@@ -89,7 +91,7 @@ def main(quick: bool = False) -> dict:
     cases = [("tiny-siglip", 512, 24, 10, 3 if quick else 5)]
     if device.type == "cuda":
         cases.append(("siglip2-b16-512", 640, 24, 10, 3))  # 49 windows of 512
-    else:  # CPU: 4 windows of 512 keeps the run near a minute
+    elif not quick:  # CPU: 4 windows of 512 keeps the run near a minute (quick: bench flops/levers cover SigLIP2)
         cases.append(("siglip2-b16-512", 528, 24, 4, 1))
     results = dict(machine=f"{platform.machine()} {platform.processor()}".strip(), device=str(device),
                    torch=torch.__version__, threads=torch.get_num_threads(), cases=[])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import platform
 import statistics
@@ -26,3 +27,58 @@ def save(name: str, data: dict) -> dict:
     data = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(), **data}
     (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=2, default=str))
     return data
+
+
+@functools.cache
+def backbone(name: str):
+    """One built backbone per process (building SigLIP2 with random weights takes ~10 s on 2 cores)."""
+    import logging
+
+    from spar_pipeline.backbones import build
+
+    logging.getLogger("spar_pipeline").setLevel(logging.ERROR)  # the "RANDOM weights" warning, once is plenty
+    b = build(name).eval()
+    for p in b.parameters():
+        p.requires_grad_(False)
+    return b
+
+
+@functools.cache
+def _meta_model(name: str):
+    import copy
+
+    return copy.deepcopy(backbone(name)).to("meta")
+
+
+@functools.cache
+def forward_flops(name: str, height: int, width: int, batch: int = 1) -> int:
+    """FLOPs of one ``dense`` forward, counted by torch's FlopCounterMode on meta tensors (no compute).
+
+    Counts matmuls, convolutions and attention (bmm); elementwise ops (norms, GELU, softmax) are
+    not counted, as usual for FLOP figures (they are < 2% of a ViT-B forward).
+    """
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    meta = _meta_model(name)
+    x = torch.empty(batch, 3, height, width, device="meta")
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        meta.dense(x)
+    return int(counter.get_total_flops())
+
+
+def matmul_flops(n: int = 2048, repeats: int = 5, dtype=None) -> float:
+    """This machine's large-matmul FLOP/s (n×n @ n×n, median of ``repeats``), the compute ceiling."""
+    import torch
+
+    dtype = dtype or torch.float32
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a @ b  # warm-up
+    return 2 * n ** 3 / median_time(lambda: a @ b, repeats)
+
+
+def forward_seconds(fn: Callable[[], object], repeats: int, warmup: bool = True) -> float:
+    """Median wall seconds of ``fn``, after one untimed warm-up call unless ``warmup`` is False."""
+    if warmup:
+        fn()
+    return median_time(fn, repeats)

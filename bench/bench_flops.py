@@ -1,0 +1,65 @@
+"""Compute efficiency of extraction: achieved FLOP/s of the sliding-window teacher on the real
+SigLIP2 ViT-B/16-512 architecture (random weights) against this machine's large-matmul FLOP/s
+(goal ≥ 0.7), with the FLOP count of one window written out. Writes bench/results/flops.json.
+
+    python -m bench flops [--quick]
+
+FLOPs come from torch's FlopCounterMode on meta tensors (matmuls, convolutions and attention;
+not elementwise ops). The forward runs in float32 with matmul precision "medium", as the
+extract stage does on a CPU; the ceiling is measured under the same setting (on CPUs with AMX,
+"medium" lets oneDNN run float32 matmuls in bfloat16, 3× faster than "highest").
+"""
+
+from __future__ import annotations
+
+import torch
+
+from bench.common import backbone, forward_flops, forward_seconds, matmul_flops, save
+from spar_pipeline.windows import count_windows, sliding_features_many
+
+
+def _extraction(name: str, size: tuple[int, int], stride: int, batch: int, repeats: int, warmup: bool) -> dict:
+    b = backbone(name)
+    K = b.window
+    H, W = size
+    n = count_windows(H, W, K, stride)
+    x = torch.randn(3, H, W)
+    secs = forward_seconds(lambda: sliding_features_many(b, [x], K, stride, batch=batch), repeats, warmup)
+    per_window = forward_flops(name, K, K)
+    achieved = n * per_window / secs
+    return dict(backbone=name, image=[H, W], window=K, stride=stride, window_batch=batch, windows=n,
+                flops_per_window=per_window, seconds=secs, seconds_per_window=secs / n, achieved_flops=achieved)
+
+
+def main(quick: bool = False) -> dict:
+    torch.set_float32_matmul_precision("medium")  # as the extract stage sets it
+    ceiling = matmul_flops(2048, 5)
+    ceiling_bf16 = matmul_flops(2048, 5, torch.bfloat16)
+    torch.set_float32_matmul_precision("highest")
+    ceiling_highest = matmul_flops(2048, 5)
+    torch.set_float32_matmul_precision("medium")
+    print(f"{torch.get_num_threads()} threads: matmul 2048² float32 {ceiling / 1e9:.1f} GFLOP/s (precision medium, "
+          f"the ceiling used), {ceiling_highest / 1e9:.1f} GFLOP/s (highest); bfloat16 {ceiling_bf16 / 1e9:.1f} GFLOP/s")
+    rows = [_extraction("tiny-siglip", (256, 256), 24, 32, 5, True)]
+    # SigLIP2: 2 (quick) or 4 windows of 512 at stride 24, all in one batch; no warm-up (a forward is seconds)
+    rows.append(_extraction("siglip2-b16-512", (512, 528 if quick else 576), 24, 4, 1 if quick else 3, False))
+    for r in rows:
+        r["efficiency_vs_matmul"] = r["achieved_flops"] / ceiling
+        print(f"{r['backbone']:16s} {r['image'][0]}×{r['image'][1]} K={r['window']} s={r['stride']} "
+              f"{r['windows']} windows: {r['flops_per_window'] / 1e9:.2f} GFLOP/window, "
+              f"{r['seconds_per_window']:.3f} s/window, {r['achieved_flops'] / 1e9:.1f} GFLOP/s = "
+              f"{r['efficiency_vs_matmul']:.2f}× matmul")
+    return save("flops", dict(
+        quick=quick, threads=torch.get_num_threads(), torch=torch.__version__,
+        matmul_flops_float32=ceiling, matmul_flops_float32_highest=ceiling_highest,
+        matmul_flops_bfloat16=ceiling_bf16,
+        flop_counting="torch.utils.flop_counter.FlopCounterMode on meta tensors (matmul, conv, attention bmm)",
+        flops_per_window={r["backbone"]: r["flops_per_window"] for r in rows},
+        cases=rows, goal={"efficiency_vs_matmul": ">= 0.7"},
+    ))
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(quick="--quick" in sys.argv)
