@@ -1,0 +1,58 @@
+"""Smoke test of the bench/ suite on tiny sizes: the cheap measures run, their figures are sane
+and the JSON holds the keys the README quotes. Never asserts on time."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench import __main__ as bench_main
+from bench import bench_extract, bench_flops, bench_memory, bench_store, common
+
+
+@pytest.fixture
+def results(tmp_path, monkeypatch):
+    """Results go to a temporary folder, never over the committed bench/results."""
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    return tmp_path
+
+
+def test_every_measure_has_a_bench():
+    assert {"extract", "flops", "store", "train", "inference", "memory", "projection", "levers"} <= set(
+        bench_main.available())
+
+
+def test_flop_count_grows_with_tokens_and_attention():
+    one, four = common.forward_flops("tiny-siglip", 64, 64), common.forward_flops("tiny-siglip", 128, 128)
+    assert one > 0
+    assert four > 4 * one  # 4× the tokens: 4× the per-token FLOPs plus 16× the attention FLOPs
+
+
+def test_extraction_flops_figures():
+    r = bench_flops._extraction("tiny-siglip", (128, 128), 24, 32, 1, False)
+    assert r["windows"] == 16  # starts 0, 24, 48, 64 per axis for K = 64
+    assert r["flops_per_window"] == common.forward_flops("tiny-siglip", 64, 64)
+    assert r["seconds"] > 0 and r["achieved_flops"] > 0
+
+
+def test_store_bench_json(results, monkeypatch):
+    monkeypatch.setattr(bench_store, "VARIANTS", [("zstd-3", "zstd", 3)])
+    out = bench_store.main(quick=True)
+    saved = json.loads((results / "store.json").read_text())
+    assert saved["store"]["zstd-3"]["bytes_per_map"] == out["store"]["zstd-3"]["bytes_per_map"]
+    row = saved["store"]["zstd-3"]
+    assert 0 < row["bytes_vs_raw"] < 1.0  # lossless zstd shrinks the smooth synthetic maps
+    assert row["read_mb_s"] > 0 and row["write_mb_s"] > 0 and saved["plain"]["read_mb_s"] > 0
+
+
+def test_extract_steady_state_in_process():
+    r = bench_extract._tiny_steady(per_tar=3)
+    assert r["images"] == 2 and r["windows"] > 0  # 6 images, 4 used to warm up
+    assert 0 < r["efficiency"] <= 1.0
+
+
+def test_memory_measure_sees_an_allocation():
+    r = bench_memory.measure("x = bytearray(300 * 2**20)", ["-"])
+    assert r["maxrss_mb"] >= 300
+    assert r["tree_peak_mb"] > 0
