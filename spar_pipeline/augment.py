@@ -170,7 +170,7 @@ def run(run: Run, *, limit: int | None = None) -> dict[str, Any]:
     Decodes nothing (the draw needs only the source size). Rerunning does nothing new, and a
     killed run, rerun, ends with the same rows as an uninterrupted one (the draw is pure).
     """
-    t0 = time.perf_counter()
+    t0, started = time.perf_counter(), time.time()
     recipe = run.recipe
     todo = manifest.pending(manifest.read_manifest(run, "ingest"), manifest.read_manifest(run, "augment"))
     ingest_rows = todo.to_pylist()[:limit] if limit else todo.to_pylist()
@@ -186,6 +186,7 @@ def run(run: Run, *, limit: int | None = None) -> dict[str, Any]:
                 rejected += 1
                 log.warning("augment: image %d: %s; rejected", r["image_id"], r["reason"])
     manifest.compact(run, "augment")
+    manifest.record_invocation(run, "augment", started, done, rejected)
     report = dict(done=done, rejected=rejected, seconds=round(time.perf_counter() - t0, 2))
     log.info("augment: %s", report)
     return report

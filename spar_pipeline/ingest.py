@@ -170,7 +170,7 @@ def run(
     after the tar that brings this invocation's new rows to at least ``limit``.
     Returns a report: tars, skipped_tars, failed_tars, ok, rejected, duplicates, seconds.
     """
-    t0 = time.perf_counter()
+    t0, started = time.perf_counter(), time.time()
     cfg = run.recipe.ingest
     max_id = cfg.max_id if max_id is None else max_id
     options = storage_options if storage_options is not None else run.storage_options
@@ -237,6 +237,7 @@ def run(
     outcomes.close()  # stops the worker pool now, not when garbage-collected
     manifest.compact(run, "ingest")
     manifest.compact(run, "tars")
+    manifest.record_invocation(run, "ingest", started, report["ok"], report["rejected"])
     report["seconds"] = round(time.perf_counter() - t0, 2)
     log.info("ingest: done: %(ok)d ok, %(rejected)d rejected, %(duplicates)d duplicate ids, "
              "%(failed_tars)d tar(s) failed, %(skipped_tars)d skipped, %(seconds).1f s", report)

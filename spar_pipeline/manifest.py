@@ -36,6 +36,7 @@ __all__ = [
     "pending",
     "done_ids",
     "compact",
+    "record_invocation",
     "DONE",
 ]
 
@@ -221,6 +222,25 @@ def compact(run: Run, stage: str, min_parts: int = 16) -> int:
         except FileNotFoundError:
             pass
     return len(names)
+
+
+def record_invocation(run: Run, stage: str, started: float, done: int, rejected: int = 0, windows: int = 0,
+                      workers: dict[str, int] | None = None) -> None:
+    """One summary row per stage invocation that did work: what ``status`` shows as throughput.
+    ``started`` is the ``time.time()`` the invocation began."""
+    import json
+    import time
+    from datetime import datetime, timezone
+
+    if done + rejected == 0:
+        return
+    now = time.time()
+    seconds = max(now - started, 1e-9)
+    iso = lambda t: datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds")  # noqa: E731
+    write_part(run, "summary", [dict(
+        stage=stage, started=iso(started), finished=iso(now), done=int(done), rejected=int(rejected), seconds=seconds,
+        items_per_second=(done + rejected) / seconds, windows_per_second=windows / seconds,
+        workers=json.dumps(workers or {}))])
 
 
 def rows(table: pa.Table) -> Iterable[dict[str, Any]]:

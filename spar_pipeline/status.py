@@ -56,10 +56,15 @@ def stage_status(run: Run) -> list[dict[str, Any]]:
             )
         )
     train = read_manifest(run, "train")
-    if train.num_rows:
+    if train.num_rows:  # planned/done in epochs; throughput in steps per second
+        last = [s for s in summary if s["stage"] == "train"]
         out.append(dict(stage="train", planned=run.recipe.train.epochs, done=train.num_rows, rejected=0,
                         pending=max(run.recipe.train.epochs - train.num_rows, 0), bytes=0,
-                        items_per_second=None, windows_per_second=None))
+                        items_per_second=last[-1]["items_per_second"] if last else None, windows_per_second=None))
+    evaluated = read_manifest(run, "evaluate")
+    if evaluated.num_rows:  # one row per (model, mode, stride, dataset)
+        out.append(dict(stage="evaluate", planned=evaluated.num_rows, done=evaluated.num_rows, rejected=0,
+                        pending=0, bytes=0, items_per_second=None, windows_per_second=None))
     return out
 
 
@@ -72,11 +77,12 @@ def _human(n: float) -> str:
 
 
 def print_status(run: Run, console: Console) -> None:
-    table = Table(title=f"{run.url}  (recipe {run.recipe.name})")
+    table = Table(title=f"{run.url}  (recipe {run.recipe.name})",
+                  caption="train counts epochs (items/s: steps/s); evaluate counts result rows")
     for col in ("stage", "planned", "done", "rejected", "pending", "bytes", "items/s", "windows/s"):
         table.add_column(col, justify="left" if col == "stage" else "right")
     for row in stage_status(run):
         fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
         table.add_row(row["stage"], str(row["planned"]), str(row["done"]), str(row["rejected"]), str(row["pending"]),
-                      _human(row["bytes"]), fmt(row["items_per_second"]), fmt(row["windows_per_second"]))
+                      _human(row["bytes"]), fmt(row["items_per_second"]), fmt(row["windows_per_second"] or None))
     console.print(table)

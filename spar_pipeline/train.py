@@ -316,6 +316,7 @@ class Trainer:
 
     # ---- the loop -----------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
+        started = time.time()
         self.resume()
         if self.baseline_val_mse is None:
             self.baseline_val_mse = self.validate()
@@ -340,6 +341,8 @@ class Trainer:
                             return self.report(stopped=True)  # as a crash would: no further checkpoint
                 self.end_epoch(epoch)
                 bar.epoch_done()
+        if self.rank == 0:  # steps of all ranks, for status's throughput
+            manifest.record_invocation(self.run, "train", started, self.run_steps * self.world)
         return self.report()
 
     def batches(self, epoch: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:

@@ -45,6 +45,10 @@ def test_train_writes_epochs_best_and_resumes_to_nothing(trained):
     assert mse["best"] == pytest.approx(min(r["val_mse"] for r in rows), rel=1e-3)
     status = cli("status", "--run", run).stdout
     assert "train" in status
+    from spar_pipeline.status import stage_status
+
+    speed = {row["stage"]: row["items_per_second"] for row in stage_status(Run(run))}
+    assert set(speed) == {"ingest", "augment", "extract", "train"} and all(v > 0 for v in speed.values()), speed
 
 
 def test_train_errors_are_one_line(trained, tmp_path):
