@@ -159,7 +159,7 @@ class Checkpointer:
         return head
 
     def _rm(self, step: int, kinds: set[str]) -> None:
-        for kind in kinds:
+        for kind in sorted(kinds, key=lambda k: k != "json"):  # the marker first: a cut prune leaves no half
             try:
                 self.run.fs.rm(self.run.path(FOLDER, f"{Entry(step, False, {}).name}.{kind}"))
             except FileNotFoundError:

@@ -6,6 +6,7 @@ Layout: ``RUN/run.toml`` (recipe + fingerprint), ``RUN/manifests/<stage>/``,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tomllib
@@ -62,11 +63,16 @@ class Run:
         if self.local:
             os.makedirs(parent, exist_ok=True)
             tmp = f"{parent}/.tmp-{uuid.uuid4().hex}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, target)
+            except BaseException:  # a full disk leaves no half-written temporary behind
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
         else:
             self.fs.pipe_file(target, data)
 
