@@ -25,7 +25,8 @@ __all__ = ["main", "SCALES", "table"]
 
 log = logging.getLogger(__name__)
 
-SCALES: tuple[tuple[int, int], ...] = ((384, 288), (768, 576))  # 1× (objects as in pretraining) and 2×
+# Keep-ratio resize scales: 0.5×, 1× (objects at the pixel size of pretraining) and 2×.
+SCALES: tuple[tuple[int, int], ...] = ((192, 144), (384, 288), (768, 576))
 
 
 def _recipe_at(recipe, scale: tuple[int, int]):
@@ -62,7 +63,7 @@ def table(rows: Sequence[dict], scales: Sequence[tuple[int, int]], chance: float
     return "\n".join(lines) + "\n"
 
 
-def main(work: str | Path = "runs/mini-world", bench_images: int = 12, n_tars: int = 4, per_tar: int = 24,
+def main(work: str | Path = "runs/mini-world", bench_images: int = 12, n_tars: int = 4, per_tar: int = 16,
          seed: int = 0, scales: Sequence[tuple[int, int]] = SCALES, strides: Sequence[int] = (8, 32)) -> str:
     """Build the world under ``work``, run the mini recipe, evaluate, return the Markdown table."""
     from spar_pipeline import augment, evaluate, extract, ingest, train
@@ -104,7 +105,7 @@ def _cli() -> None:
     p.add_argument("--work", default="runs/mini-world")
     p.add_argument("--bench-images", type=int, default=12)
     p.add_argument("--tars", type=int, default=4)
-    p.add_argument("--per-tar", type=int, default=24)
+    p.add_argument("--per-tar", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args()
