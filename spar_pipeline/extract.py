@@ -194,6 +194,7 @@ def extract_batch(spec: ExtractSpec, items: list[dict]) -> dict:
                     continue
                 half = arr.astype(np.float16)
                 if not np.isfinite(half).all():
+                    log.warning("image %s: teacher map overflows float16; rejected", item["image_id"])
                     rows.append(_reject(item, "teacher map overflows float16", fp, worker))
                     continue
                 secs = elapsed * wins / max(group_windows, 1)
