@@ -44,9 +44,11 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return isinstance(fs, LocalFileSystem)
 
 
-_SECRET = re.compile(r"(?i)(secret|token|password|credential|signature|x-amz-[a-z-]+)=([^&\s]+)")
+_SECRET = re.compile(r"(?i)(secret|token|password|credential|signature|policy|key-pair-id|x-amz-[a-z-]+)=([^&\s'\"]+)")
+_USERINFO = re.compile(r"(?<=://)[^/@\s'\"]+@")
 
 
 def redact(text: str) -> str:
-    """Strip query-string secrets (signed URLs in the SA-1B links file) from text shown to users."""
-    return _SECRET.sub(lambda m: f"{m.group(1)}=***", text)
+    """Strip query-string secrets (signed URLs in the SA-1B links file) and ``user:password@``
+    from text shown to users."""
+    return _USERINFO.sub("***@", _SECRET.sub(lambda m: f"{m.group(1)}=***", text))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tomllib
 import uuid
 from typing import Any
@@ -29,6 +30,9 @@ class RunError(RuntimeError):
 
 class Run:
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None):
+        if re.match(r"^[\w+.-]+://[^/]*@", url):  # s3://key:secret@bucket would end up in logs and errors
+            raise RunError(f"{redact(url)}: credentials in the run URL are not supported; "
+                           "use the AWS_* variables or --storage-options")
         self.url = url.rstrip("/") if "://" in url else os.path.abspath(url)
         self.storage_options = dict(storage_options or {})
         self.fs, self.root = filesystem(self.url, self.storage_options)
