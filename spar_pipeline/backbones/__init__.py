@@ -105,6 +105,7 @@ def _load_into(b: Backbone, state: dict[str, torch.Tensor], source: str) -> None
     (an open_clip or transformers file); a DDP ``module.`` prefix is dropped."""
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
+    state = b.adapt_state(state)
     target = b
     if set(state) != set(b.state_dict()) and set(state) == set(b.model.state_dict()):
         target = b.model

@@ -72,6 +72,10 @@ class Backbone(nn.Module):
     def patchembed_params(self) -> list[nn.Parameter]:
         return []
 
+    def adapt_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A checkpoint in a family's original layout, renamed to this module's keys (identity here)."""
+        return state
+
     def encode_text(self, prompts: list[str]) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 

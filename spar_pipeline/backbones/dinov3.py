@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 
 import torch
 import torch.nn as nn
@@ -12,6 +13,31 @@ import torch.nn.functional as F
 from spar_pipeline.backbones.base import Backbone
 
 __all__ = ["Dinov3Backbone", "build_dinov3_model"]
+
+
+# official dinov3 key (regex) -> transformers DINOv3ViTModel key; None: not a parameter there
+_OFFICIAL = [
+    (r"cls_token", "embeddings.cls_token"),
+    (r"mask_token", "embeddings.mask_token"),
+    (r"storage_tokens", "embeddings.register_tokens"),
+    (r"patch_embed\.proj\.(weight|bias)", r"embeddings.patch_embeddings.\1"),
+    (r"rope_embed\..*", None),
+    (r"blocks\.(\d+)\.attn\.qkv\.bias_mask", None),
+    (r"blocks\.(\d+)\.attn\.qkv\.(weight|bias)", r"model.layer.\1.attention.qkv.\2"),
+    (r"blocks\.(\d+)\.attn\.proj\.(weight|bias)", r"model.layer.\1.attention.o_proj.\2"),
+    (r"blocks\.(\d+)\.ls([12])\.gamma", r"model.layer.\1.layer_scale\2.lambda1"),
+    (r"blocks\.(\d+)\.mlp\.fc1\.(weight|bias)", r"model.layer.\1.mlp.up_proj.\2"),
+    (r"blocks\.(\d+)\.mlp\.fc2\.(weight|bias)", r"model.layer.\1.mlp.down_proj.\2"),
+    (r"blocks\.(\d+)\.(norm[12])\.(weight|bias)", r"model.layer.\1.\2.\3"),
+    (r"norm\.(weight|bias)", r"norm.\1"),
+]
+
+
+def _official_name(key: str) -> str | None:
+    for pattern, repl in _OFFICIAL:
+        if re.fullmatch(pattern, key):
+            return None if repl is None else re.sub(pattern, repl, key)
+    return key  # unknown: kept, so the strict load names it
 
 
 def build_dinov3_model(cfg: dict) -> nn.Module:
@@ -30,6 +56,31 @@ class Dinov3Backbone(Backbone):
 
     def patchembed_params(self):
         return list(self.model.embeddings.patch_embeddings.parameters())
+
+    def adapt_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The official facebookresearch/dinov3 backbone file (``dinov3_vitl16_pretrain_lvd1689m-*.pth``,
+        the protocol's ``backbone_weights``) renamed to transformers' DINOv3 ViT: fused qkv split, the
+        masked (always zero) key bias dropped, RoPE periods left to the module (a buffer it computes)."""
+        if not any(k.startswith("blocks.") and k.endswith("attn.qkv.weight") for k in state):
+            return state
+        if all(k.startswith("backbone.") for k in state if k.startswith(("backbone.", "blocks."))):
+            state = {k.removeprefix("backbone."): v for k, v in state.items()}
+        want = self.model.state_dict()
+        out: dict[str, torch.Tensor] = {}
+        for key, value in state.items():
+            name = _official_name(key)
+            if name is None:
+                continue
+            if name.endswith("attention.qkv.weight") or name.endswith("attention.qkv.bias"):
+                stem, kind = name.rsplit(".qkv.", 1)
+                for part, chunk in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0)):
+                    if f"{stem}.{part}.{kind}" in want:  # no k_proj.bias: DINOv3 masks the key bias to zero
+                        out[f"{stem}.{part}.{kind}"] = chunk
+                continue
+            if name in want:
+                value = value.reshape(want[name].shape)  # mask_token is [1, D] upstream, [1, 1, D] here
+            out[name] = value
+        return {f"model.{k}": v for k, v in out.items()}
 
     def dense(self, x: torch.Tensor) -> torch.Tensor:
         B, _, H, W = x.shape
