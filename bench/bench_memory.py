@@ -4,15 +4,16 @@ Writes bench/results/memory.json.
 
     python -m bench memory [--quick]
 
-Two figures per stage: ``maxrss_mb``, the largest resident set of any one process of the stage
-(``os.wait4`` rusage of the subprocess, which covers the Dask workers and loader processes it
-waited for), and ``tree_peak_mb``, the largest sum of RSS over the whole process tree, sampled
-every 50 ms with psutil (what the machine must hold at once).
+Two figures per stage: ``maxrss_mb``, the largest peak resident set (VmHWM) of any one process of
+the stage's tree (the stage process, its Dask workers and loader processes), and
+``tree_peak_mb``, the largest sum of RSS over the whole tree, sampled every 50 ms with psutil
+(what the machine must hold at once). Not ``wait4``/``getrusage`` maxrss: Linux carries the
+parent's high-water mark into a forked child across exec, so a bench process holding a 4 GB
+model would report 4 GB for every stage.
 """
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import tempfile
@@ -40,43 +41,56 @@ STAGES = {
 }
 
 
-def _tree_rss(proc: psutil.Process) -> int:
-    total = 0
+def _hwm(pid: int) -> int:
+    """Peak RSS (VmHWM) of one live process, in bytes; 0 when it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration, ValueError):
+        return 0
+
+
+def _tree(proc: psutil.Process) -> tuple[int, int]:
+    """(sum of RSS, largest VmHWM) over the process and its descendants."""
+    total = peak = 0
     for p in [proc, *proc.children(recursive=True)]:
         try:
             total += p.memory_info().rss
         except psutil.Error:
-            pass
-    return total
+            continue
+        peak = max(peak, _hwm(p.pid))
+    return total, peak
 
 
 def measure(code: str, args: list[str]) -> dict:
     """Run ``code`` in a fresh interpreter; its peak memory and wall seconds."""
     t = time.perf_counter()
-    child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(_PRELUDE) + code, *args],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    peak = [0]
+    final = "\nprint('VMHWM', [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')][0])\n"
+    child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(_PRELUDE) + code + final, *args],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    peak, largest = [0], [0]
     done = threading.Event()
 
     def sample() -> None:
         proc = psutil.Process(child.pid)
         while not done.is_set():
             try:
-                peak[0] = max(peak[0], _tree_rss(proc))
+                total, hwm = _tree(proc)
             except psutil.Error:
                 return
+            peak[0], largest[0] = max(peak[0], total), max(largest[0], hwm)
             done.wait(0.05)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    stderr = child.stderr.read()
-    _, status, usage = os.wait4(child.pid, 0)
-    child.returncode = os.waitstatus_to_exitcode(status)
+    stdout, stderr = child.communicate()
     done.set()
     sampler.join()
     if child.returncode != 0:
         raise RuntimeError(f"stage subprocess failed ({child.returncode}): {stderr.decode()[-800:]}")
-    return dict(maxrss_mb=usage.ru_maxrss / 1024, tree_peak_mb=peak[0] / 2**20, seconds=time.perf_counter() - t)
+    own = [int(line.split()[1]) * 1024 for line in stdout.decode().splitlines() if line.startswith("VMHWM ")]
+    return dict(maxrss_mb=max(largest[0], *own) / 2**20, tree_peak_mb=peak[0] / 2**20,
+                seconds=time.perf_counter() - t)
 
 
 def _tiny(tmp: Path, per_tar: int) -> dict:
@@ -125,7 +139,7 @@ def main(quick: bool = False) -> dict:
             print(f"{group:16s} {stage:20s} largest process {r['maxrss_mb']:7.0f} MB   whole tree {r['tree_peak_mb']:7.0f} MB"
                   f"   ({r['seconds']:.1f} s)")
     return save("memory", dict(quick=quick, **out,
-                               note="maxrss = largest single process (wait4 rusage); tree = sampled sum of RSS"))
+                               note="maxrss = largest VmHWM of one process of the tree; tree = sampled sum of RSS"))
 
 
 if __name__ == "__main__":

@@ -32,6 +32,14 @@ def _measured_efficiency() -> float | None:
         return None
 
 
+def _default_codec_ratio() -> float | None:
+    """Stored / raw bytes of the default codec (blosc zstd-3 bit-shuffle) from the last store bench."""
+    try:
+        return json.loads((RESULTS / "store.json").read_text())["store"]["blosc-zstd-3-bitshuffle"]["bytes_vs_raw"]
+    except (OSError, KeyError, ValueError):
+        return None
+
+
 def main(quick: bool = False) -> dict:
     from spar_pipeline.augment import draw
     from spar_pipeline.recipe import load_recipe
@@ -63,18 +71,20 @@ def main(quick: bool = False) -> dict:
     train_flops = int(train_flops * (1 + 2 * 2 / 12) * TRAIN_EPOCHS)
     extract_flops = windows * per_window
     measured = _measured_efficiency()
+    codec = _default_codec_ratio()
     out = dict(
         images=IMAGES, source_size=list(SOURCE), window=K, stride=s, recipe="siglip2-b16",
         distinct_sizes=len(sizes), windows=windows, windows_per_image=windows / IMAGES,
         tokens_per_image=tokens / IMAGES, flops_per_window=per_window, extract_flops=extract_flops,
         store_bytes_float16=store_bytes, store_bytes_per_image=store_bytes / IMAGES,
+        store_bytes_default_codec=store_bytes * codec if codec else None,
         train_flops_10_epochs=train_flops, forward_flops_fit=dict(per_token=a, per_token_pair=b,
                                                                   relative_error_at_8192_tokens=fit_error),
         assumptions=dict(
             h100_peak_flops=H100_BF16_DENSE, assumed_gpu_efficiency=ASSUMED_GPU_EFFICIENCY,
             measured_cpu_efficiency_vs_matmul=measured,
             source="every source 2250×1500; sizes from augment.draw (seed 0) for ids 1..25000",
-            store="float16 [H/16, W/16, 768] before the codec; bench store gives each lossless codec's ratio",
+            store=f"float16 [H/16, W/16, 768]; default codec at {codec} of raw (synthetic maps, bench/results/store.json)",
             train=f"{TRAIN_EPOCHS} epochs, single pass per image, backward through 2 of 12 blocks: forward × 4/3",
         ),
     )
@@ -87,7 +97,8 @@ def main(quick: bool = False) -> dict:
     print(f"{IMAGES} images, {len(sizes)} distinct augmented sizes; {windows:,} windows "
           f"({windows / IMAGES:.0f}/image, K={K}, s={s}); {per_window / 1e9:.1f} GFLOP/window")
     print(f"extract {extract_flops / 1e15:.1f} PFLOP; store {store_bytes / 1e9:.1f} GB float16 "
-          f"({store_bytes / IMAGES / 1e6:.2f} MB/image); train {TRAIN_EPOCHS} epochs {train_flops / 1e15:.1f} PFLOP")
+          f"({store_bytes / IMAGES / 1e6:.2f} MB/image"
+          + (f", {store_bytes * codec / 1e9:.1f} GB with the default codec" if codec else "") + f"); train {TRAIN_EPOCHS} epochs {train_flops / 1e15:.1f} PFLOP")
     for label, h in hours.items():
         print(f"one H100 at {h['efficiency']:.2f} of {H100_BF16_DENSE / 1e12:.0f} TFLOP/s ({label}): "
               f"extract {h['extract_hours']:.1f} h, train {h['train_hours']:.1f} h")

@@ -88,7 +88,7 @@ def _measure(name: str, size: int, stride: int, batch: int, device: torch.device
 def main(quick: bool = False) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_float32_matmul_precision("medium")
-    cases = [("tiny-siglip", 512, 24, 10, 3 if quick else 5)]
+    cases = [("tiny-siglip", 256 if quick else 512, 24, 10, 3 if quick else 5)]
     if device.type == "cuda":
         cases.append(("siglip2-b16-512", 640, 24, 10, 3))  # 49 windows of 512
     elif not quick:  # CPU: 4 windows of 512 keeps the run near a minute (quick: bench flops/levers cover SigLIP2)
