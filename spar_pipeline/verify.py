@@ -1,8 +1,10 @@
 """``spar-pipeline verify``: check every manifest row against what it references.
 
 Ingest rows: the tar member's bytes and checksum. Extract rows: the stored map's shape and
-checksum. With ``repair``, damaged items get a ``redo`` row (the latest row wins), so the
-next run of that stage redoes them; nothing is deleted.
+checksum. Checkpoints: each one's tensor file against the size and sha256 its JSON records.
+With ``repair``, damaged items get a ``redo`` row (the latest row wins), so the next run of
+that stage redoes them, and a damaged checkpoint's JSON marker moves to
+``checkpoints/quarantine/``, so training resumes from the newest intact one; nothing is deleted.
 """
 
 from __future__ import annotations
@@ -31,6 +33,26 @@ def _check_ingest(row: dict, storage_options: dict) -> str | None:
     if hashlib.sha256(data).hexdigest()[:32] != row["checksum"]:
         return "tar member checksum mismatch"
     return None
+
+
+def _check_checkpoints(run: Run, repair: bool) -> dict[str, int]:
+    from spar_pipeline.checkpoint import FOLDER, CheckpointError, Checkpointer
+
+    ck = Checkpointer(run, dict, every=1)
+    steps = ck.entries()
+    damaged = 0
+    for step in steps:
+        try:
+            ck.load(step)
+            continue
+        except (CheckpointError, FileNotFoundError, KeyError) as e:
+            damaged += 1
+            log.warning("verify: checkpoint at step %d: %s", step, redact(str(e)).splitlines()[0][:160])
+        if repair:
+            name = f"ckpt-{step:09d}.json"
+            run.fs.makedirs(run.path(FOLDER, "quarantine"), exist_ok=True)
+            run.fs.mv(run.path(FOLDER, name), run.path(FOLDER, "quarantine", name))
+    return dict(checked=len(steps), damaged=damaged)
 
 
 def verify(run: Run, repair: bool = False, threads: int = 8) -> dict[str, Any]:
@@ -68,5 +90,6 @@ def verify(run: Run, repair: bool = False, threads: int = 8) -> dict[str, Any]:
         tars = {r["source"] for r, _ in bad_ingest}
         log.warning("verify: %d damaged tar member(s) in %s; re-ingest those tars to redo them", len(ids),
                     ", ".join(redact(t) for t in sorted(tars)))
-    report["repaired"] = bool(repair and (bad_ingest or bad_extract))
+    report["checkpoints"] = _check_checkpoints(run, repair)
+    report["repaired"] = bool(repair and (bad_ingest or bad_extract or report["checkpoints"]["damaged"]))
     return report
