@@ -117,3 +117,38 @@ def test_run_end_to_end_then_nothing_left(tmp_path):
     again = cli("run", "--run", run)
     assert {s: len(manifest.read_manifest(Run(run), s)) for s in counts} == counts
     assert "# spar-pipeline run summary" in again.stdout
+
+
+def test_run_killed_mid_extract_then_rerun_finishes(tmp_path):
+    """SIGKILL of `spar-pipeline run` (and its Dask workers) once the first maps are stored; the same
+    command again finishes every stage with each image exactly once."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from test_cli import EXE
+
+    run = tmp_path / "demo"
+    proc = subprocess.Popen([EXE, "run", "--run", str(run), "--epochs", "1"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not list((run / "manifests" / "extract").glob("*.parquet")) and proc.poll() is None:
+            assert time.monotonic() < deadline, "extract never wrote a manifest part"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (run / "reports" / "summary.md").exists()  # killed before the end
+    cli("run", "--run", str(run), "--epochs", "1")
+    r = Run(str(run))
+    for stage in ("ingest", "augment", "extract"):
+        ids = [x["image_id"] for x in manifest.read_manifest(r, stage).to_pylist() if x["status"] == "ok"]
+        assert len(ids) == len(set(ids)) == 36, stage
+    from spar_pipeline.store import FeatureStore
+
+    store = FeatureStore.open(r.url_for("features.zarr"))
+    for row in manifest.read_manifest(r, "extract").to_pylist():
+        assert store.verify(row["image_id"], (row["grid_h"], row["grid_w"], row["dim"]), row["checksum"]) is None
+    assert len(manifest.read_manifest(r, "train")) == 1 and (run / "reports" / "summary.md").exists()
