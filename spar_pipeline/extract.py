@@ -192,7 +192,8 @@ def extract_batch(spec: ExtractSpec, items: list[dict]) -> dict:
                     log.warning("image %s: teacher map holds NaN/Inf; rejected", item["image_id"])
                     rows.append(_reject(item, "teacher map holds NaN or Inf", fp, worker))
                     continue
-                half = arr.astype(np.float16)
+                with np.errstate(over="ignore"):  # an overflow is caught just below, as a rejected row
+                    half = arr.astype(np.float16)
                 if not np.isfinite(half).all():
                     log.warning("image %s: teacher map overflows float16; rejected", item["image_id"])
                     rows.append(_reject(item, "teacher map overflows float16", fp, worker))
