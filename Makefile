@@ -4,6 +4,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 RUN    ?= runs/demo
+RECIPE ?= mini
 
 .PHONY: demo test env bench clean-demo
 
@@ -19,7 +20,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/spar-pipeline run --run $(RUN)
+	$(BIN)/spar-pipeline run --run $(RUN) --recipe $(RECIPE)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q -ra --durations=15

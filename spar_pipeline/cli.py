@@ -75,7 +75,7 @@ def _guarded(fn: Callable[[], Any]) -> Any:
 
     known: tuple[type[BaseException], ...] = (
         _UserError, BackboneError, RecipeError, RunError, ManifestError, StoreError, TrainError, EvaluateError, DatasetError,
-        CheckpointError, FileNotFoundError, PermissionError, IsADirectoryError,
+        CheckpointError, OSError,  # disk full, read-only, permission, an object store past its retries
     )
     try:
         return fn()
@@ -254,6 +254,31 @@ def evaluate(
                        f"{row['seconds_per_image']:.4f} s/image  ({row['images']} images)")
         if r is not None:
             typer.echo(f"table: {r.url_for('reports', 'table.md')}")
+
+    _guarded(go)
+
+
+@app.command("pretrain-mini")
+def pretrain_mini(
+    out: str = typer.Option("mini-clip.safetensors", "--out", help="Where the safetensors weights go."),
+    seed: int = typer.Option(0, help="Seed of the scenes and the model (the shipped weights: 0)."),
+    steps: Optional[int] = typer.Option(None, help="Contrastive steps (default: the shipped weights' count)."),
+    minutes: float = typer.Option(40.0, help="Wall-time cap; a capped run is not the shipped reference."),
+    threads: int = typer.Option(2, help="CPU threads."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Pretrain mini-clip, the miniature world's CLIP-style model, on generated scene-caption pairs.
+
+    Writes: the weights to --out. The package ships the result of the defaults (seed 0) and builds
+    mini-clip from it; the mini recipe then runs SPAR on it with no download.
+    """
+    _setup_logging(verbose)
+
+    def go():
+        from spar_pipeline import pretrain_mini as stage
+
+        rep = stage.main(out, seed, minutes, steps or stage.DEFAULT_STEPS, threads)
+        typer.echo(f"pretrain-mini: {rep['steps']} steps, loss {rep['loss']}, {rep['seconds']} s -> {rep['out']}")
 
     _guarded(go)
 

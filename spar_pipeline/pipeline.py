@@ -15,22 +15,44 @@ from typing import Any
 from spar_pipeline import manifest
 from spar_pipeline.run import Run, RunError
 
-__all__ = ["run_all", "embedded_source"]
+__all__ = ["run_all", "embedded_source", "embedded_benchmark"]
 
 log = logging.getLogger(__name__)
 
 DEMO_TARS, DEMO_PER_TAR, DEMO_SIZE = 3, 12, (240, 160)
+MINI_TARS, MINI_PER_TAR, MINI_BENCH = 4, 16, 24  # the miniature world's source and scenes benchmark
+
+
+def _is_mini(run: Run) -> bool:
+    return run.recipe.recipe.backbone == "mini-clip"
+
+
+def embedded_benchmark(run: Run) -> dict[str, str]:
+    """The mini recipe's own benchmark (scenes in an mmseg layout), written once under RUN/bench/
+    (a local temporary folder for object-store runs): what ``run`` evaluates when given no dataset."""
+    from spar_pipeline.scenes import make_scene_benchmark
+
+    root = Path(run.path("bench")) if run.local else Path(tempfile.gettempdir()) / f"spar-bench-{run.recipe.fingerprint}"
+    if not (root / "scenes" / "annotations" / "val" / f"scene_{MINI_BENCH - 1:04d}.png").is_file():
+        make_scene_benchmark(root, n=MINI_BENCH)
+    return {"scenes": str(root / "scenes")}
 
 
 def embedded_source(run: Run) -> list[str]:
     """Generated SA-1B-layout tars under RUN/source/ (uploaded there for object-store runs)."""
     from spar_pipeline.testing import make_sa1b_source
 
-    names = [f"sa_{i:06d}.tar" for i in range(DEMO_TARS)]
+    names = [f"sa_{i:06d}.tar" for i in range(MINI_TARS if _is_mini(run) else DEMO_TARS)]
     if all(run.exists("source", n) for n in names):
         return [run.url_for("source", n) for n in names]
     with tempfile.TemporaryDirectory() as tmp:
-        tars = make_sa1b_source(Path(tmp), n_tars=DEMO_TARS, per_tar=DEMO_PER_TAR, size=DEMO_SIZE, seed=run.recipe.recipe.seed)
+        if _is_mini(run):  # the miniature world: scenes the mini model can name
+            from spar_pipeline.scenes import make_scene_source
+
+            tars = make_scene_source(Path(tmp), n_tars=MINI_TARS, per_tar=MINI_PER_TAR, seed=run.recipe.recipe.seed)
+        else:
+            tars = make_sa1b_source(Path(tmp), n_tars=DEMO_TARS, per_tar=DEMO_PER_TAR, size=DEMO_SIZE,
+                                    seed=run.recipe.recipe.seed)
         for t in tars:
             run.write_bytes_atomic(Path(t).read_bytes(), "source", Path(t).name)
     return [run.url_for("source", Path(t).name) for t in tars]
@@ -84,13 +106,20 @@ def run_all(
     reports["extract"] = timed("extract", extract.run, run, gpus=gpus, workers=workers, scheduler=scheduler,
                                progress=progress)
     reports["train"] = timed("train", train.run, run, gpus=gpus, epochs=epochs, progress=progress)
+    if not datasets and _is_mini(run) and "scenes" in run.recipe.evaluate.datasets:
+        datasets = embedded_benchmark(run)
     if datasets:
         from spar_pipeline import evaluate
 
         checkpoints = ["pretrained", "best"] if run.exists(*evaluate.BEST) else ["pretrained"]
         reports["evaluate"] = timed("evaluate", evaluate.run, run, datasets, checkpoints=checkpoints,
                                     modes=("single", "sliding"))
-    reports["look"] = timed("held-out look", held_out_look, run)
+    if _is_mini(run):  # name what the mini model knows in the overlay
+        from spar_pipeline.datasets import class_lines
+
+        reports["look"] = timed("held-out look", held_out_look, run, classes=class_lines("scenes"))
+    else:
+        reports["look"] = timed("held-out look", held_out_look, run)
     reports["seconds"] = time.perf_counter() - t0
     reports["timings"] = timings
     reports["summary"] = write_summary(run, reports)

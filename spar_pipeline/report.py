@@ -60,9 +60,11 @@ def write_summary(run: Run, reports: dict[str, Any]) -> str:
     if evaluated:
         lines += ["", "## Open-vocabulary segmentation (mIoU)", "", "| model | mode | dataset | mIoU | s/image |",
                   "|---|---|---|---|---|"]
+        names = {"pretrained": "pretrained", "best": "SPAR student (best)"}
         for e in evaluated:
             mode = e["mode"] + (f" s={e['stride']}" if e["stride"] else "")
-            lines.append(f"| {e['model']} | {mode} | {e['dataset']} | {e['miou']:.2f} | {e['seconds_per_image']:.4f} |")
+            lines.append(f"| {names.get(e['model'], e['model'])} | {mode} | {e['dataset']} | {e['miou']:.2f} | "
+                         f"{e['seconds_per_image']:.4f} |")
     look = reports.get("look") or {}
     if look:
         w, h = look["size"]
