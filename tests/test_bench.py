@@ -11,6 +11,18 @@ from bench import __main__ as bench_main
 from bench import bench_extract, bench_flops, bench_memory, bench_store, common
 
 
+@pytest.fixture(autouse=True)
+def _keep_log_levels():
+    """The benches quiet the package's loggers for their own output; tests after them need them back."""
+    import logging
+
+    names = ("spar_pipeline", "distributed")
+    saved = {n: logging.getLogger(n).level for n in names}
+    yield
+    for n, level in saved.items():
+        logging.getLogger(n).setLevel(level)
+
+
 @pytest.fixture
 def results(tmp_path, monkeypatch):
     """Results go to a temporary folder, never over the committed bench/results."""
