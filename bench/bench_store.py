@@ -27,7 +27,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make spar_pipeline importable from the checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import save  # noqa: E402
+from bench.common import median_time, save  # noqa: E402
 from spar_pipeline.store import FeatureStore  # noqa: E402
 
 # (label, FeatureStore codec, level): the default first, then the alternatives measured.
@@ -59,15 +59,6 @@ def feature_maps(n: int, h: int, w: int, dim: int, rank: int = 48, noise: float 
         x = field @ mix + noise * rng.standard_normal((h, w, dim)).astype(np.float32)
         out.append(x.astype(np.float16))
     return out
-
-
-def _timed(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def _evict(folder: Path) -> None:
@@ -111,8 +102,8 @@ def _plain(maps: list, root: Path, repeats: int) -> dict:
         for i, m in enumerate(maps):
             np.fromfile(folder / f"{i}.f16", dtype=np.float16).reshape(m.shape)
 
-    tw = _timed(write, repeats)
-    tr = _timed(read, repeats)
+    tw = median_time(write, repeats)
+    tr = median_time(read, repeats)
     return dict(write_s=tw, read_s=tr, cold_read_s=_cold(read, folder, repeats))
 
 
@@ -133,8 +124,8 @@ def _store(maps: list, root: Path, codec: str, level: int, repeats: int) -> dict
         for i in range(len(maps)):
             st.read(i)
 
-    tw = _timed(write, repeats)
-    tr = _timed(read, repeats)
+    tw = median_time(write, repeats)
+    tr = median_time(read, repeats)
     cold = _cold(read, Path(url), repeats)
     st = FeatureStore.open(url)
     for i, m in enumerate(maps[:2]):
