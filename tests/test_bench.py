@@ -31,7 +31,7 @@ def results(tmp_path, monkeypatch):
 
 
 def test_every_measure_has_a_bench():
-    assert {"extract", "flops", "store", "train", "inference", "memory", "projection", "levers"} <= set(
+    assert {"extract", "flops", "store", "train", "inference", "memory", "projection", "levers", "read"} <= set(
         bench_main.available())
 
 
