@@ -111,9 +111,14 @@ def run_all(
     if datasets:
         from spar_pipeline import evaluate
 
-        checkpoints = ["pretrained", "best"] if run.exists(*evaluate.BEST) else ["pretrained"]
-        reports["evaluate"] = timed("evaluate", evaluate.run, run, datasets, checkpoints=checkpoints,
-                                    modes=("single", "sliding"))
+        def evaluate_all() -> list[dict]:
+            rows = evaluate.run(run, datasets, checkpoints=["pretrained"], modes=("single", "sliding"))
+            if run.exists(*evaluate.BEST):  # a student trained further in this call has new weights: redo
+                retrained = bool(reports["train"].get("steps_this_run"))
+                rows += evaluate.run(run, datasets, checkpoints=["best"], modes=("single", "sliding"), redo=retrained)
+            return rows
+
+        reports["evaluate"] = timed("evaluate", evaluate_all)
     if _is_mini(run):  # name what the mini model knows in the overlay
         from spar_pipeline.datasets import class_lines
 

@@ -24,3 +24,12 @@ def test_mini_demo_spar_beats_single_pass_and_is_faster_than_sliding(tmp_path):
     summary = (Path(run) / "reports" / "summary.md").read_text()
     assert "Open-vocabulary segmentation" in summary and "SPAR student (best)" in summary
     assert out.stdout.strip().startswith("# spar-pipeline run summary")
+
+    parts = lambda: len(list((Path(run) / "manifests" / "evaluate").glob("*.parquet")))  # noqa: E731
+    before = parts()
+    cli("run", "--run", run)  # nothing left: no stage, evaluation included, redoes anything
+    assert parts() == before
+    cli("run", "--run", run, "--epochs", str(Run(run).recipe.train.epochs + 1))  # a further epoch: new student
+    assert parts() > before
+    again = {(r["model"], r["mode"], r["stride"]) for r in manifest.read_manifest(Run(run), "evaluate").to_pylist()}
+    assert again == set(rows)  # still one row per key: the student's rows replaced, not added
