@@ -327,13 +327,13 @@ def segment(
 @app.command()
 def features(
     image: str = ImageArg,
-    out: str = typer.Option(..., "--out", help="FILE.npy to write (float32 [h, w, D], no pickle)."),
+    out: str = typer.Option(..., "--out", help="FILE.npy to write (float32 h × w × D, no pickle)."),
     checkpoint: str = CkptOpt,
     run: Optional[str] = ToolRunOpt,
     backbone: Optional[str] = BackboneOpt,
     storage_options: Optional[str] = StorageOpt,
 ) -> None:
-    """Raw dense features of one single pass on the full image: [h, w, D] float32, not normalised."""
+    """Raw dense features of one single pass on the full image: h × w × D float32, not normalised."""
     _setup_logging(False)
 
     def go():
@@ -353,12 +353,11 @@ def pca(
     checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="Student weights (default: the run's best, "
                                              "else pretrained)."),
     stride: Optional[int] = typer.Option(None, help="Teacher sliding-window stride (default: the run's "
-                                         "[extract].stride, else 24)."),
+                                         "extract.stride, else 24)."),
     backbone: Optional[str] = BackboneOpt,
     storage_options: Optional[str] = StorageOpt,
 ) -> None:
-    """First three principal components of the features as RGB: teacher (sliding) and student (single
-    pass) side by side on one shared basis."""
+    """First three principal components as RGB: teacher (sliding) and student (single pass) on one basis."""
     _setup_logging(False)
 
     def go():
