@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 from typing import Iterator
 
-__all__ = ["Engine", "open_engine"]
+__all__ = ["Engine", "open_engine", "worker_device"]
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,13 @@ class Engine:
 
 def _cpu_threads(workers: int) -> str:
     return str(max(1, (os.cpu_count() or 1) // max(workers, 1)))
+
+
+def worker_device(gpu: int) -> str:
+    """What CUDA_VISIBLE_DEVICES shows the worker of ``--gpus`` id ``gpu``. Ids count the devices this
+    process sees (as train's do): under CUDA_VISIBLE_DEVICES=2,3, GPU 0 is physical device 2."""
+    seen = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return seen[gpu] if gpu < len(seen) else str(gpu)
 
 
 @contextlib.contextmanager
@@ -66,7 +73,7 @@ def open_engine(
 
             gpus = list(default_gpus()) or None  # a GPU machine uses its GPUs unless told --workers N
         if gpus:
-            env = lambda g: {"CUDA_VISIBLE_DEVICES": str(g), "OMP_NUM_THREADS": _cpu_threads(len(gpus))}  # noqa: E731
+            env = lambda g: {"CUDA_VISIBLE_DEVICES": worker_device(g), "OMP_NUM_THREADS": _cpu_threads(len(gpus))}  # noqa: E731
             specs = {
                 f"gpu{g}": {"cls": Nanny, "options": {"nthreads": 1, "resources": {"GPU": 1}, "env": env(g)}}
                 for g in gpus

@@ -155,3 +155,12 @@ def test_worker_killed_mid_stage_completes(tmp_path):
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err
     assert len(_check_done_once(run)) == 12
+
+
+def test_gpu_ids_count_the_devices_this_process_sees(monkeypatch):
+    from spar_pipeline.engine import worker_device
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert [worker_device(g) for g in (0, 1)] == ["0", "1"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2, 3")
+    assert [worker_device(g) for g in (0, 1)] == ["2", "3"]
