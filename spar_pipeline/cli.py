@@ -243,7 +243,9 @@ def evaluate(
             if r is None:
                 raise _UserError("give --dataset NAME=PATH, or --run RUN for the held-out teacher MSE of each checkpoint")
             for ck in checkpoint:
-                model = _student(r, ck, backbone)
+                from spar_pipeline.tools import load_models
+
+                _, model = load_models(backbone, ck, r, need_pretrained=False)
                 typer.echo(f"{ck:>12} held-out teacher MSE {stage.feature_mse(model, r):.6g}")
             return
         rows = stage.run(r, datasets, checkpoints=checkpoint, modes=mode, strides=stride or None, limit=limit,
@@ -369,14 +371,6 @@ def pca(
         typer.echo(f"pca: wrote {info['out']} ({info['size'][0]}×{info['size'][1]}, student: {info['student']})")
 
     _guarded(go)
-
-
-def _student(r, checkpoint: str, backbone: Optional[str]):
-    from spar_pipeline.backbones import build
-    from spar_pipeline.evaluate import resolve_checkpoint
-
-    path = resolve_checkpoint(r, checkpoint)
-    return build(backbone or r.recipe.recipe.backbone, path or r.recipe.recipe.checkpoint or None)
 
 
 def _datasets(items: List[str]) -> dict[str, str]:

@@ -29,10 +29,7 @@ DEMO_CLASSES = ["background", "sky", "tree", "road", "building", "person", "car"
 
 def held_out_look(run: Run, *, classes: list[str] | None = None) -> dict[str, Any]:
     """{"image_id", "size", "checkpoint", "seconds": {mode: s/image}, "pictures": {name: url}}."""
-    import torch
-
     from spar_pipeline import augment, evaluate, tools
-    from spar_pipeline.backbones import build
     from spar_pipeline.train import plan
 
     recipe = run.recipe
@@ -42,10 +39,7 @@ def held_out_look(run: Run, *, classes: list[str] | None = None) -> dict[str, An
     image_id = held_out[0].image_id
     image = augment.augmented_image(run, image_id).permute(1, 2, 0).numpy()  # uint8 [H, W, 3]
     checkpoint = "best" if run.exists(*evaluate.BEST) else "pretrained"
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    teacher = build(recipe.recipe.backbone, recipe.recipe.checkpoint or None, device=device)
-    path = evaluate.resolve_checkpoint(run, checkpoint)
-    student = teacher if path is None else build(recipe.recipe.backbone, path, device=device)
+    teacher, student = tools.load_models(None, checkpoint, run)
 
     warmup = recipe.evaluate.timing_warmup
     seconds = {"single (student)": evaluate.timing(student, image, "single", None, warmup,

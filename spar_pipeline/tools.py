@@ -24,7 +24,7 @@ import torch
 
 from spar_pipeline.run import Run
 
-__all__ = ["segment_image", "features", "pca_image", "parse_classes", "class_colours", "overlay"]
+__all__ = ["segment_image", "features", "pca_image", "parse_classes", "class_colours", "overlay", "load_models"]
 
 DEFAULT_BACKBONE = "siglip2-b16-512"
 
@@ -69,7 +69,7 @@ def segment_image(image_path: str, classes: Sequence[str], out_png: str, *, back
         raise ValueError("segment: no classes given; e.g. --classes \"background, road, car, sky\"")
     run = Run(run) if isinstance(run, str) else run
     image = load_image(image_path)
-    pretrained, model = _models(backbone, checkpoint, run, device)
+    pretrained, model = load_models(backbone, checkpoint, run, device)
     text = pretrained.class_embeddings(classes, templates())
     cfg = DatasetEval(logit_scale=logit_scale, logit_bias=logit_bias, prob_thd=prob_thd, area_thd=area_thd)
     label = predict(model, image, text, cfg, resize_scale, mode, stride)
@@ -88,7 +88,7 @@ def features(image_path: str, out_npy: str, *, backbone=None, checkpoint: str = 
     from spar_pipeline.segment import normalise, resize_image
 
     run = Run(run) if isinstance(run, str) else run
-    _, model = _models(backbone, checkpoint, run, device, need_pretrained=False)
+    _, model = load_models(backbone, checkpoint, run, device, need_pretrained=False)
     x = normalise(model, resize_image(load_image(image_path), resize_scale))
     with torch.no_grad():
         arr = model.dense(x)[0].float().cpu().numpy().astype(np.float32)
@@ -113,7 +113,7 @@ def pca_image(image_path: str, out_png: str, *, backbone=None, run: Run | str | 
     run = Run(run) if isinstance(run, str) else run
     if checkpoint is None:
         checkpoint = "best" if run is not None and run.exists("checkpoints", "best.safetensors") else "pretrained"
-    teacher_model, student_model = _models(backbone, checkpoint, run, device)
+    teacher_model, student_model = load_models(backbone, checkpoint, run, device)
     P = teacher_model.patch_size
     image = _snap(resize_image(load_image(image_path), resize_scale), P)
     x = normalise(teacher_model, image)
@@ -160,7 +160,7 @@ def overlay(image: np.ndarray, label: np.ndarray, names: Sequence[str], alpha: f
 
 
 # ---- helpers -----------------------------------------------------------------------------
-def _models(backbone, checkpoint: str, run: Run | None, device, need_pretrained: bool = True):
+def load_models(backbone, checkpoint: str, run: Run | None, device=None, need_pretrained: bool = True):
     """(pretrained, model with the checkpoint): the same object for "pretrained"; the first is None
     when not needed (only the checkpoint is then built)."""
     from spar_pipeline.backbones import build
