@@ -65,7 +65,7 @@ def teacher_fingerprint(run: Run, weights_digest: str, patch: int) -> dict:
         "stride": r.extract.stride,
         "patch": patch,
         "upsample": upsample_factor(patch, r.extract.stride),
-        "dtype": "float16",
+        "dtype": r.extract.store_dtype,
         "augment": hashlib.sha256(aug.encode()).hexdigest()[:16],
     }
     fp["digest"] = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
@@ -260,7 +260,7 @@ def run(run: Run, *, gpus: list[int] | None = None, workers: int | None = None, 
     del probe
     run.record_teacher(fp)
     FeatureStore.create(run.url_for(STORE), fp, storage_options=run.storage_options,
-                        codec=recipe.extract.codec, level=recipe.extract.codec_level)
+                        codec=recipe.extract.codec, level=recipe.extract.codec_level, dtype=recipe.extract.store_dtype)
     items = plan(run, limit)
     if not items:
         log.info("extract: nothing pending")

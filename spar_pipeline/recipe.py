@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from spar_pipeline.resources import stages_dir
-from spar_pipeline.store import CODECS
+from spar_pipeline.store import CODECS, MAP_DTYPES
 
 __all__ = [
     "RecipeError",
@@ -102,6 +102,8 @@ class ExtractConfig:
     # teacher-map codec; "blosc" (zstd over bit-shuffled float16) measured smallest in bench/bench_store.py
     codec: str = field(default="blosc", metadata=_check(_choice(*CODECS)))
     codec_level: int = field(default=3, metadata=_check(_non_negative))
+    # stored map precision: "int8" (per-channel scale) is ~half the bytes; error in bench/bench_quant.py
+    store_dtype: str = field(default="float16", metadata=_check(_choice(*MAP_DTYPES)))
     retries: int = field(default=3, metadata=_check(_non_negative))  # a failed batch is retried this often
 
 

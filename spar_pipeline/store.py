@@ -11,11 +11,22 @@ an S3 PUT is atomic). A redo of an image reuses its array and replaces the chunk
 put, so a reader sees the old map or the new one, never a gap. The array's fill value is NaN
 and a stored map never is, so a map whose chunk is absent (a write cut between metadata and
 chunk) reads as missing instead of as zeros. Callers never touch zarr directly.
+
+Map dtype (root attribute ``map_dtype``, part of the teacher fingerprint): ``float16``, or ``int8``
+with a per-channel scale, about half the bytes (error measured in bench/bench_quant.py). An int8
+map is one int8 array ``[4 + h·w, D]``: the first four rows are the little-endian float32 scales'
+bytes, the rest the values; its ``map_shape`` attribute holds ``[h, w, D]``. Scales and values
+live in one chunk, so a redo is still a single put. ``read`` always returns float16.
+
+Reads of uncompressed maps (codec ``none``) skip zarr's codec pipeline: the chunk's bytes are the
+array (zarr's path costs ~4.7× a plain file read: bench/bench_read.py).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import re
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -23,18 +34,21 @@ from typing import Any
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle, ZstdCodec
+from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.errors import ContainsArrayAndGroupError, ContainsArrayError, ContainsGroupError, NodeNotFoundError
 
 from spar_pipeline.fsutil import _s3_options, redact
 
-__all__ = ["CODECS", "FeatureStore", "MapMissing", "StoreError", "StoreNotFound", "map_checksum"]
+__all__ = ["CODECS", "MAP_DTYPES", "FeatureStore", "MapMissing", "StoreError", "StoreNotFound", "dequantize_int8",
+           "map_checksum", "quantize_int8"]
 
 LAYOUT_VERSION = 1
 # "blosc": zstd over bit-shuffled float16 (measured best in bench/bench_store.py: ~0.89x raw, about
 # twice zstd's read speed); "zstd" alone carries a frame checksum; the rest are measured alternatives.
 CODECS = ("blosc", "zstd", "blosc-shuffle", "blosc-lz4", "none")
-_CHUNK = (0, 0, 0)
+MAP_DTYPES = ("float16", "int8")
+_SCALE_ROWS = 4  # an int8 map's float32 scales take 4 int8 rows of D
 
 
 class StoreError(RuntimeError):
@@ -46,14 +60,49 @@ class StoreNotFound(StoreError, FileNotFoundError):
 
 
 class MapMissing(StoreError, KeyError):
-    """No (complete) map for this image id."""
+    """No (complete) map for this image id; ``reason`` is what verify reports."""
 
     __str__ = BaseException.__str__  # KeyError would quote the message
+
+    def __init__(self, message: str, reason: str = "missing"):
+        super().__init__(message)
+        self.reason = reason
 
 
 def map_checksum(arr: np.ndarray) -> str:
     """sha256 of the C-contiguous float16 bytes, first 32 hex chars: what the manifest records."""
     return hashlib.sha256(np.ascontiguousarray(arr, dtype=np.float16)).hexdigest()[:32]
+
+
+def quantize_int8(arr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-channel int8 of an ``[h, w, D]`` map: (values in [-127, 127], float32 scales [D]).
+    A channel's scale is its largest magnitude / 127 (1 for an all-zero channel)."""
+    x = np.asarray(arr, dtype=np.float32)
+    scale = np.abs(x).reshape(-1, x.shape[-1]).max(axis=0) / 127.0
+    scale[~(scale > 0)] = 1.0
+    q = np.clip(np.rint(x / scale), -127, 127).astype(np.int8)
+    return q, scale.astype(np.float32)
+
+
+def dequantize_int8(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """float16 map of int8 values times float32 scales (torch: 2.4x numpy's speed, the same bits)."""
+    import torch
+
+    out = torch.from_numpy(np.ascontiguousarray(q)).to(torch.float32).mul_(torch.from_numpy(scale))
+    return out.to(torch.float16).numpy()
+
+
+def _pack_int8(arr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(stored int8 array [4 + h·w, D], the float16 map it reads back as)."""
+    q, scale = quantize_int8(arr)
+    d = arr.shape[-1]
+    packed = np.concatenate([scale.astype("<f4").view(np.int8).reshape(_SCALE_ROWS, d), q.reshape(-1, d)])
+    return packed, dequantize_int8(q, scale)
+
+
+def _unpack_int8(packed: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    scale = np.ascontiguousarray(packed[:_SCALE_ROWS]).reshape(-1).view("<f4")
+    return dequantize_int8(packed[_SCALE_ROWS:].reshape(shape), scale)
 
 
 _hasher: ThreadPoolExecutor | None = None
@@ -104,32 +153,36 @@ def _one_line(e: BaseException) -> str:
 
 
 class FeatureStore:
-    """One float16 ``[h, w, D]`` map per image id; see the module docstring for the layout."""
+    """One ``[h, w, D]`` map per image id, read as float16; see the module docstring for the layout."""
 
     def __init__(self, url: str, store, attrs: dict, codec: str, level: int):
         self.url = url
         self._store = store
         self._attrs = attrs
         self.codec, self.level = codec, level
+        self.dtype = attrs.get("map_dtype", "float16")
         self._compressors = _compressors(codec, level)
 
     def __repr__(self) -> str:
-        return f"FeatureStore({_safe_url(self.url)!r}, codec={self.codec!r}, level={self.level})"
+        return f"FeatureStore({_safe_url(self.url)!r}, codec={self.codec!r}, level={self.level}, dtype={self.dtype!r})"
 
     # -- opening -------------------------------------------------------------------------
 
     @classmethod
     def create(cls, url: str, fingerprint: dict, storage_options: dict | None = None, codec: str = "blosc",
-               level: int = 3) -> "FeatureStore":
+               level: int = 3, dtype: str = "float16") -> "FeatureStore":
         """Create the store (root group written here and only here); an existing store with the
         same fingerprint is just opened, one with another fingerprint is refused."""
-        _compressors(codec, level)  # an unknown codec fails before anything is written
+        _compressors(codec, level)  # an unknown codec or dtype fails before anything is written
+        if dtype not in MAP_DTYPES:
+            raise StoreError(f"unknown map dtype {dtype!r}; available: {', '.join(MAP_DTYPES)}")
         try:
             return cls.open(url, storage_options, fingerprint=fingerprint)
         except StoreNotFound:
             pass
         store = _zarr_store(url, storage_options, read_only=False)
-        attrs = {"fingerprint": fingerprint, "layout_version": LAYOUT_VERSION, "codec": codec, "codec_level": level}
+        attrs = {"fingerprint": fingerprint, "layout_version": LAYOUT_VERSION, "codec": codec, "codec_level": level,
+                 "map_dtype": dtype}
         try:
             root = zarr.open_group(store=store, mode="w-", zarr_format=3, attributes=attrs)
         except (ContainsGroupError, ContainsArrayError, ContainsArrayAndGroupError, FileExistsError):  # another process won the race
@@ -164,34 +217,43 @@ class FeatureStore:
         return f"maps/{int(image_id)}"
 
     def _chunk_key(self, image_id: int) -> str:
-        return f"{self._path(image_id)}/c/{'/'.join(map(str, _CHUNK))}"
+        """The one chunk's key: float16 maps are [h, w, D], packed int8 ones [4 + h·w, D]."""
+        return f"{self._path(image_id)}/c/{'0/0' if self.dtype == 'int8' else '0/0/0'}"
 
-    def _new_array(self, image_id: int, shape: tuple[int, ...], attrs: dict, overwrite: bool) -> zarr.Array:
+    def _new_array(self, image_id: int, data: np.ndarray, attrs: dict, overwrite: bool) -> zarr.Array:
+        # float16 fills with NaN and int8 with 0 (never a stored scale): an absent chunk is never a map
+        fill = float("nan") if data.dtype == np.float16 else 0
         return zarr.create_array(
-            store=self._store, name=self._path(image_id), shape=shape, chunks=shape, dtype="float16",
-            compressors=self._compressors, fill_value=float("nan"), attributes=attrs, overwrite=overwrite,
+            store=self._store, name=self._path(image_id), shape=data.shape, chunks=data.shape, dtype=data.dtype,
+            compressors=self._compressors, fill_value=fill, attributes=attrs, overwrite=overwrite,
             config={"write_empty_chunks": True},
         )
 
     def write(self, image_id: int, arr: np.ndarray, attrs: dict | None = None) -> str:
-        """Write one whole map and return its checksum. A redo is harmless: the existing array is
-        reused and its single chunk replaced in one put."""
+        """Write one whole map and return its checksum (of the float16 map ``read`` will return). A
+        redo is harmless: the existing array is reused and its single chunk replaced in one put."""
         arr = np.ascontiguousarray(arr, dtype=np.float16)
         if arr.ndim != 3:
             raise StoreError(f"image {image_id}: map must be [h, w, D], got shape {arr.shape}")
-        checksum = _checksum_async(arr)
         meta = {"image_id": int(image_id), **(attrs or {})}
         if "digest" in self.fingerprint:
             meta.setdefault("fingerprint", self.fingerprint["digest"])
+        data = arr
+        if self.dtype == "int8":
+            if not np.isfinite(arr).all():
+                raise StoreError(f"image {image_id}: map holds NaN or Inf; cannot be stored as int8")
+            data, arr = _pack_int8(arr)
+            meta["map_shape"] = list(arr.shape)
+        checksum = _checksum_async(arr)
         try:
-            a = self._new_array(image_id, arr.shape, meta, overwrite=False)
+            a = self._new_array(image_id, data, meta, overwrite=False)
         except ContainsArrayError:  # a redo: keep the array so readers never see it vanish
             a = zarr.open_array(store=self._store, path=self._path(image_id), mode="r+", zarr_format=3)
-            if tuple(a.shape) != arr.shape or a.dtype != np.float16 or tuple(a.chunks) != arr.shape:
-                a = self._new_array(image_id, arr.shape, meta, overwrite=True)  # another shape: replace
+            if tuple(a.shape) != data.shape or a.dtype != data.dtype or tuple(a.chunks) != data.shape:
+                a = self._new_array(image_id, data, meta, overwrite=True)  # another shape: replace
             elif dict(a.attrs) != meta:
                 a.attrs.update(meta)
-        a[...] = arr
+        a[...] = data
         return checksum.result()
 
     def _array(self, image_id: int) -> zarr.Array:
@@ -203,12 +265,63 @@ class FeatureStore:
     def _has_chunk(self, image_id: int) -> bool:
         return bool(sync(self._store.exists(self._chunk_key(image_id))))
 
+    def _get(self, key: str) -> np.ndarray | None:
+        """One object's bytes as a writable uint8 array, None when absent."""
+        if isinstance(self._store, zarr.storage.LocalStore):  # no event-loop round trip, no extra copy
+            try:
+                return np.fromfile(self._store.root / key, dtype=np.uint8)
+            except FileNotFoundError:
+                return None
+        buf = sync(self._store.get(key, default_buffer_prototype()))
+        if buf is None:
+            return None
+        data = buf.as_numpy_array().view(np.uint8)
+        return data if data.flags.writeable else data.copy()  # bytes from fsspec are read-only
+
+    def _missing(self, image_id: int) -> MapMissing:
+        return MapMissing(f"image {image_id}: map in {_safe_url(self.url)} has no data (write cut short)",
+                          "missing chunk")
+
+    def _stored(self, image_id: int) -> tuple[np.ndarray, dict]:
+        """(the stored array as it is: a float16 map or packed int8, its attributes); a missing
+        chunk raises MapMissing."""
+        raw = self._get(f"{self._path(image_id)}/zarr.json")
+        if raw is None:
+            raise MapMissing(f"image {image_id}: no map in {_safe_url(self.url)}")
+        try:
+            meta = json.loads(raw.tobytes())
+            shape, dtype = tuple(meta["shape"]), np.dtype(meta["data_type"])
+            codecs = meta.get("codecs") or [{}]
+            plain = (len(codecs) == 1 and codecs[0].get("name") == "bytes"  # one-byte types carry no endian
+                     and (codecs[0].get("configuration") or {}).get("endian", "little") == "little"
+                     and meta["chunk_grid"]["configuration"]["chunk_shape"] == list(shape))
+        except (ValueError, KeyError, TypeError) as e:
+            raise StoreError(f"image {image_id}: damaged metadata in {_safe_url(self.url)} ({_one_line(e)})") from None
+        if plain and dtype.name in MAP_DTYPES:  # the chunk's bytes are the array
+            data = self._get(self._chunk_key(image_id))
+            if data is None:
+                raise self._missing(image_id)
+            if data.size != math.prod(shape) * dtype.itemsize:
+                raise StoreError(f"image {image_id}: chunk holds {data.size} bytes, the map needs "
+                                 f"{math.prod(shape) * dtype.itemsize}: damaged")
+            return data.view(dtype.newbyteorder("<")).reshape(shape), meta.get("attributes") or {}
+        a = self._array(image_id)
+        out = a[...]
+        fill = a.fill_value
+        at_fill = np.isnan(out.flat[0]) if np.issubdtype(out.dtype, np.floating) else out.flat[0] == fill
+        if out.size and at_fill and not self._has_chunk(image_id):
+            raise self._missing(image_id)
+        return out, dict(a.attrs)
+
     def read(self, image_id: int) -> np.ndarray:
         """The map as float16 ``[h, w, D]``; MapMissing (a StoreError and a KeyError) if absent."""
-        out = np.asarray(self._array(image_id)[...], dtype=np.float16)
-        if out.size and np.isnan(out.flat[0]) and not self._has_chunk(image_id):
-            raise MapMissing(f"image {image_id}: map in {_safe_url(self.url)} has no data (write cut short)")
-        return out
+        out, attrs = self._stored(image_id)
+        if out.dtype != np.int8:
+            return np.asarray(out, dtype=np.float16)
+        shape = tuple(attrs.get("map_shape") or ())
+        if len(shape) != 3 or math.prod(shape) + _SCALE_ROWS * out.shape[1] != out.size:
+            raise StoreError(f"image {image_id}: int8 map of {out.shape} does not hold map_shape {list(shape)}: damaged")
+        return _unpack_int8(out, shape)
 
     def exists(self, image_id: int) -> bool:
         """True when both the array and its chunk are stored."""
@@ -221,20 +334,14 @@ class FeatureStore:
     def verify(self, image_id: int, shape: tuple[int, ...], checksum: str) -> str | None:
         """Re-read one map: None when whole, else a one-line reason."""
         try:
-            a = self._array(image_id)
-        except MapMissing:
-            return "missing"
-        except Exception as e:  # damaged metadata
+            data = self.read(image_id)
+        except MapMissing as e:
+            return e.reason
+        except Exception as e:  # damaged metadata, or a damaged chunk failing inside the codec pipeline
             return f"unreadable: {_one_line(e)}"
-        if tuple(a.shape) != tuple(shape):
-            return f"shape {tuple(a.shape)} != {tuple(shape)}"
-        try:
-            data = np.asarray(a[...], dtype=np.float16)
-        except Exception as e:  # a damaged chunk fails inside the codec pipeline
-            return f"unreadable: {_one_line(e)}"
+        if data.shape != tuple(shape):
+            return f"shape {data.shape} != {tuple(shape)}"
         if map_checksum(data) != checksum:
-            if data.size and np.isnan(data.flat[0]) and not self._has_chunk(image_id):
-                return "missing chunk"
             return "checksum mismatch"
         return None
 

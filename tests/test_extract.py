@@ -164,3 +164,27 @@ def test_gpu_ids_count_the_devices_this_process_sees(monkeypatch):
     assert [worker_device(g) for g in (0, 1)] == ["0", "1"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2, 3")
     assert [worker_device(g) for g in (0, 1)] == ["2", "3"]
+
+
+def test_int8_store_recipe_extracts_and_trains(tmp_path):
+    """[extract] store_dtype = "int8": the store holds packed int8 maps close to the float16 teacher,
+    its fingerprint says int8, and train reads it."""
+    from spar_pipeline import train
+    from spar_pipeline.resources import stages_dir
+
+    text = (stages_dir() / "tiny-cpu.toml").read_text()
+    text = text.replace("images_per_task = 4", 'images_per_task = 4\nstore_dtype = "int8"\ncodec = "none"')
+    recipe = tmp_path / "int8.toml"
+    recipe.write_text(text)
+    run = _prepare(str(tmp_path / "run"), tmp_path / "src", n_tars=1, per_tar=4, recipe=str(recipe))
+    extract.run(run, workers=1, progress=False)
+    rows = _check_done_once(run)
+    store = FeatureStore.open(run.url_for("features.zarr"))
+    assert store.dtype == "int8" and store.fingerprint["dtype"] == "int8"
+    first = rows[0]["image_id"]
+    ref, got = _teacher(run, first).astype(np.float64), store.read(first).astype(np.float64)
+    assert np.mean((ref - got) ** 2) / np.mean(ref ** 2) < 1e-3
+    raw = (Path(run.url) / "features.zarr/maps" / str(first) / "c/0/0").stat().st_size
+    assert raw < 0.6 * got.size * 2  # about half of float16's bytes
+    report = train.run(run, epochs=1, progress=False, stop_after_steps=2)
+    assert report["steps_this_run"] == 2 and np.isfinite(report["baseline_val_mse"])

@@ -238,3 +238,81 @@ def test_bad_shape_refused(tmp_path):
     st = FeatureStore.create(str(tmp_path / "f.zarr"), FP)
     with pytest.raises(StoreError, match=r"\[h, w, D\]"):
         st.write(1, np.zeros((3, 4), np.float16))
+
+
+def _features(seed: int, shape=(6, 9, 32)) -> np.ndarray:
+    """Feature-like: a channel scale per dimension (some channels 30× others) and one outlier pixel."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(shape) * rng.uniform(0.1, 3.0, shape[-1])
+    x[2, 3] *= 6
+    return x.astype(np.float16)
+
+
+@pytest.mark.parametrize("codec", ["blosc", "none"])
+def test_int8_maps_half_the_bytes_small_error(url, codec):
+    """int8 with a per-channel scale: read back as float16 close to the original; the checksum is
+    of the map read back (so verify holds); the chunk is about half of float16's."""
+    st16 = FeatureStore.create(url + "16", FP, codec="none")
+    st = FeatureStore.create(url, FP, codec=codec, dtype="int8")
+    assert FeatureStore.open(url).dtype == "int8" and "int8" in repr(st)
+    a = _features(1)
+    c = st.write(1, a)
+    back = st.read(1)
+    assert back.dtype == np.float16 and back.shape == a.shape and back.flags.writeable
+    assert c == map_checksum(back) and st.verify(1, a.shape, c) is None
+    x, y = a.astype(np.float64), back.astype(np.float64)
+    rel_mse = ((x - y) ** 2).mean() / (x ** 2).mean()
+    cos = (x * y).sum(-1) / np.linalg.norm(x, axis=-1) / np.linalg.norm(y, axis=-1)
+    assert rel_mse < 1e-3 and cos.min() > 0.99, (rel_mse, cos.min())
+    # the largest magnitude of every channel is exact up to float16 rounding
+    idx = np.abs(x).reshape(-1, x.shape[-1]).argmax(0)
+    np.testing.assert_allclose(y.reshape(-1, x.shape[-1])[idx, range(x.shape[-1])],
+                               x.reshape(-1, x.shape[-1])[idx, range(x.shape[-1])], rtol=1e-3)
+    st16.write(1, a)
+    if codec == "none":
+        ratio = st.nbytes_stored(1) / st16.nbytes_stored(1)
+        assert 0.5 < ratio < 0.6, ratio
+    assert st.exists(1) and not st.exists(2)
+
+
+def test_int8_redo_cut_write_and_damage(tmp_path):
+    url = str(tmp_path / "q.zarr")
+    st = FeatureStore.create(url, FP, codec="none", dtype="int8")
+    c = st.write(1, _features(1))
+    assert st.write(1, _features(1)) == c  # a redo of the same map: same bytes, same checksum
+    c2 = st.write(1, _features(2, (3, 4, 32)))  # another shape replaces the array
+    assert st.read(1).shape == (3, 4, 32) and st.verify(1, (3, 4, 32), c2) is None
+    (Path(url) / "maps/1/c/0/0").unlink()
+    with pytest.raises(MapMissing, match="image 1"):
+        st.read(1)
+    assert st.verify(1, (3, 4, 32), c2) == "missing chunk"
+    st.write(1, _features(2, (3, 4, 32)))
+    chunk = Path(url) / "maps/1/c/0/0"
+    chunk.write_bytes(chunk.read_bytes()[:-5])  # truncated
+    assert st.verify(1, (3, 4, 32), c2).startswith("unreadable: ") and "damaged" in st.verify(1, (3, 4, 32), c2)
+    with pytest.raises(StoreError, match="NaN or Inf"):
+        st.write(2, np.full((2, 2, 32), np.inf, np.float16))
+    zero = np.zeros((2, 2, 32), np.float16)  # an all-zero channel: scale 1, zeros back
+    st.write(3, zero)
+    np.testing.assert_array_equal(st.read(3), zero)
+
+
+def test_uncompressed_read_matches_zarr(url):
+    """The direct read of uncompressed chunks returns what zarr itself reads."""
+    import zarr
+
+    st = FeatureStore.create(url, FP, codec="none")
+    a = _map(3)
+    st.write(3, a)
+    out = st.read(3)
+    np.testing.assert_array_equal(out, a)
+    np.testing.assert_array_equal(out, zarr.open_array(store=st._store, path="maps/3", mode="r")[...])
+    _put_raw(url, "maps/3/zarr.json", b"{not json")
+    with pytest.raises(StoreError, match="image 3: damaged metadata"):
+        st.read(3)
+
+
+def test_unknown_map_dtype_refused(tmp_path):
+    with pytest.raises(StoreError, match="unknown map dtype 'int4'"):
+        FeatureStore.create(str(tmp_path / "f.zarr"), FP, dtype="int4")
+    assert not (tmp_path / "f.zarr").exists()
