@@ -30,16 +30,18 @@ if __package__ in (None, ""):  # run as a script: make spar_pipeline importable 
 from bench.common import median_time, save  # noqa: E402
 from spar_pipeline.store import FeatureStore  # noqa: E402
 
-# (label, FeatureStore codec, level): the default first, then the alternatives measured.
+# (label, FeatureStore codec, level, map dtype): the default first, then the alternatives measured.
 VARIANTS = [
-    ("blosc-zstd-3-bitshuffle", "blosc", 3),
-    ("blosc-zstd-1-bitshuffle", "blosc", 1),
-    ("zstd-3", "zstd", 3),
-    ("zstd-1", "zstd", 1),
-    ("zstd-9", "zstd", 9),
-    ("blosc-zstd-3-shuffle", "blosc-shuffle", 3),
-    ("blosc-lz4-5-shuffle", "blosc-lz4", 5),
-    ("none", "none", 0),
+    ("blosc-zstd-3-bitshuffle", "blosc", 3, "float16"),
+    ("blosc-zstd-1-bitshuffle", "blosc", 1, "float16"),
+    ("zstd-3", "zstd", 3, "float16"),
+    ("zstd-1", "zstd", 1, "float16"),
+    ("zstd-9", "zstd", 9, "float16"),
+    ("blosc-zstd-3-shuffle", "blosc-shuffle", 3, "float16"),
+    ("blosc-lz4-5-shuffle", "blosc-lz4", 5, "float16"),
+    ("none", "none", 0, "float16"),
+    ("int8-none", "none", 0, "int8"),  # lossy: error in bench/bench_quant.py
+    ("int8-blosc-zstd-3-shuffle", "blosc-shuffle", 3, "int8"),
 ]
 
 
@@ -107,13 +109,13 @@ def _plain(maps: list, root: Path, repeats: int) -> dict:
     return dict(write_s=tw, read_s=tr, cold_read_s=_cold(read, folder, repeats))
 
 
-def _store(maps: list, root: Path, codec: str, level: int, repeats: int) -> dict:
-    url = str(root / f"store-{codec}-{level}.zarr")
+def _store(maps: list, root: Path, codec: str, level: int, repeats: int, dtype: str = "float16") -> dict:
+    url = str(root / f"store-{codec}-{level}-{dtype}.zarr")
     fp = {"backbone": "bench", "digest": "0" * 16}
 
     def write():
         _drop(Path(url))
-        st = FeatureStore.create(url, fp, codec=codec, level=level)
+        st = FeatureStore.create(url, fp, codec=codec, level=level, dtype=dtype)
         for i, m in enumerate(maps):
             st.write(i, m)
 
@@ -129,7 +131,10 @@ def _store(maps: list, root: Path, codec: str, level: int, repeats: int) -> dict
     cold = _cold(read, Path(url), repeats)
     st = FeatureStore.open(url)
     for i, m in enumerate(maps[:2]):
-        assert np.array_equal(st.read(i), m), "lossless round trip"
+        if dtype == "float16":
+            assert np.array_equal(st.read(i), m), "lossless round trip"
+        else:
+            np.testing.assert_allclose(st.read(i), m, atol=float(np.abs(m).max()) / 100)
     stored = [st.nbytes_stored(i) for i in range(len(maps))]
     return dict(write_s=tw, read_s=tr, cold_read_s=cold, bytes_per_map=statistics.mean(stored))
 
@@ -144,10 +149,10 @@ def main(quick: bool = False) -> dict:
     try:
         plain = _plain(maps, tmp, repeats)
         rows = {}
-        for label, codec, level in VARIANTS:
-            r = _store(maps, tmp, codec, level, repeats)
+        for label, codec, level, dtype in VARIANTS:
+            r = _store(maps, tmp, codec, level, repeats, dtype)
             rows[label] = dict(
-                codec=codec, level=level,
+                codec=codec, level=level, dtype=dtype,
                 write_mb_s=total_mb / r["write_s"], read_mb_s=total_mb / r["read_s"],
                 cold_read_mb_s=total_mb / r["cold_read_s"],
                 read_vs_plain=plain["read_s"] / r["read_s"], cold_read_vs_plain=plain["cold_read_s"] / r["cold_read_s"],

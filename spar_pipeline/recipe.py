@@ -99,8 +99,9 @@ class ExtractConfig:
     window_batch: int = field(metadata=_check(_positive))  # windows per forward, may span images
     precision: str = field(metadata=_check(_choice("fp16", "bf16", "fp32")))  # autocast dtype on GPU
     images_per_task: int = field(default=8, metadata=_check(_positive))  # images in one unit of work
-    # teacher-map codec; "blosc" (zstd over bit-shuffled float16) measured smallest in bench/bench_store.py
-    codec: str = field(default="blosc", metadata=_check(_choice(*CODECS)))
+    # teacher-map codec. "none" reads at ~0.96x a plain file's speed; "blosc" (zstd over bit-shuffled
+    # float16) is 0.89x the bytes but reads ~10x slower (bench/bench_read.py, bench/bench_store.py)
+    codec: str = field(default="none", metadata=_check(_choice(*CODECS)))
     codec_level: int = field(default=3, metadata=_check(_non_negative))
     # stored map precision: "int8" (per-channel scale) is ~half the bytes; error in bench/bench_quant.py
     store_dtype: str = field(default="float16", metadata=_check(_choice(*MAP_DTYPES)))

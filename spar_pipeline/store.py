@@ -44,8 +44,9 @@ __all__ = ["CODECS", "MAP_DTYPES", "FeatureStore", "MapMissing", "StoreError", "
            "map_checksum", "quantize_int8"]
 
 LAYOUT_VERSION = 1
-# "blosc": zstd over bit-shuffled float16 (measured best in bench/bench_store.py: ~0.89x raw, about
-# twice zstd's read speed); "zstd" alone carries a frame checksum; the rest are measured alternatives.
+# "none" (the recipe default) reads as fast as a plain file; "blosc": zstd over bit-shuffled float16,
+# the smallest lossless one (bench/bench_store.py: ~0.89x raw, twice zstd's read speed); "zstd" alone
+# carries a frame checksum; the rest are measured alternatives.
 CODECS = ("blosc", "zstd", "blosc-shuffle", "blosc-lz4", "none")
 MAP_DTYPES = ("float16", "int8")
 _SCALE_ROWS = 4  # an int8 map's float32 scales take 4 int8 rows of D
@@ -169,7 +170,7 @@ class FeatureStore:
     # -- opening -------------------------------------------------------------------------
 
     @classmethod
-    def create(cls, url: str, fingerprint: dict, storage_options: dict | None = None, codec: str = "blosc",
+    def create(cls, url: str, fingerprint: dict, storage_options: dict | None = None, codec: str = "none",
                level: int = 3, dtype: str = "float16") -> "FeatureStore":
         """Create the store (root group written here and only here); an existing store with the
         same fingerprint is just opened, one with another fingerprint is refused."""

@@ -49,13 +49,14 @@ def test_extraction_flops_figures():
 
 
 def test_store_bench_json(results, monkeypatch):
-    monkeypatch.setattr(bench_store, "VARIANTS", [("zstd-3", "zstd", 3)])
+    monkeypatch.setattr(bench_store, "VARIANTS", [("zstd-3", "zstd", 3, "float16"), ("int8", "none", 0, "int8")])
     out = bench_store.main(quick=True)
     saved = json.loads((results / "store.json").read_text())
     assert saved["store"]["zstd-3"]["bytes_per_map"] == out["store"]["zstd-3"]["bytes_per_map"]
     row = saved["store"]["zstd-3"]
     assert 0 < row["bytes_vs_raw"] < 1.0  # lossless zstd shrinks the smooth synthetic maps
     assert row["read_mb_s"] > 0 and row["write_mb_s"] > 0 and saved["plain"]["read_mb_s"] > 0
+    assert 0.5 < saved["store"]["int8"]["bytes_vs_raw"] < 0.55  # int8 values + float32 scales + metadata
 
 
 def test_extract_steady_state_in_process():

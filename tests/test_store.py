@@ -186,8 +186,9 @@ def test_rewrite_is_idempotent_and_never_absent(tmp_path):
     assert st.read(3).shape == (2, 3, 16)
 
 
-def test_verify_detects_damage(url):
-    st = FeatureStore.create(url, FP)
+@pytest.mark.parametrize("codec", ["none", "blosc"])
+def test_verify_detects_damage(url, codec):
+    st = FeatureStore.create(url, FP, codec=codec)
     a = _map(1)
     c = st.write(1, a)
     assert st.verify(1, (5, 8, 16), c) == "shape (5, 7, 16) != (5, 8, 16)"
@@ -200,9 +201,10 @@ def test_verify_detects_damage(url):
     assert not st.exists(1) and st.verify(1, SHAPE, c) == "missing"
 
 
-def test_bit_flip_in_chunk_detected(tmp_path):
+@pytest.mark.parametrize("codec", CODECS)
+def test_bit_flip_in_chunk_detected(tmp_path, codec):
     url = str(tmp_path / "f.zarr")
-    st = FeatureStore.create(url, FP)
+    st = FeatureStore.create(url, FP, codec=codec)
     c = st.write(1, _map(1))
     chunk = Path(url) / "maps/1/c/0/0/0"
     data = bytearray(chunk.read_bytes())
@@ -211,10 +213,11 @@ def test_bit_flip_in_chunk_detected(tmp_path):
     assert st.verify(1, SHAPE, c) is not None  # zstd frame checksum, else the map checksum
 
 
-def test_cut_write_reads_as_missing(tmp_path):
+@pytest.mark.parametrize("codec", ["none", "blosc"])
+def test_cut_write_reads_as_missing(tmp_path, codec):
     """Metadata written, chunk not (a kill between the two puts): missing, never zeros."""
     url = str(tmp_path / "f.zarr")
-    st = FeatureStore.create(url, FP)
+    st = FeatureStore.create(url, FP, codec=codec)
     c = st.write(7, _map(7))
     (Path(url) / "maps/7/c/0/0/0").unlink()
     assert not st.exists(7)

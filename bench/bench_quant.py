@@ -1,0 +1,151 @@
+"""A smaller store: int8 teacher maps (per-channel scale) against float16. Writes
+bench/results/quant.json.
+
+    python -m bench quant [--quick]
+
+Two runs of the miniature world (mini-clip, its real pretrained weights, generated scenes) from
+the same tars, seed and split, through the real stages: one stores float16 maps, one int8 (both
+uncompressed, so bytes and reads compare the formats). Measured:
+
+- map error of the int8 store against the float16 one: relative MSE (error energy / signal
+  energy) and per-pixel cosine, over every extracted map; next to it, computed here on the same
+  float16 maps but not stored, per-pixel int8 and per-channel fp8 (e4m3), the alternatives;
+- stored bytes per map and read milliseconds per map (median);
+- the student trained from each store, scored by the training loss on the held-out images
+  against the *float16* teacher maps (so both students face the same targets), and the
+  pretrained model's score for scale.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.common import save
+
+
+def _recipe(tmp: Path, dtype: str, epochs: int) -> str:
+    from spar_pipeline.resources import stages_dir
+
+    text = (stages_dir() / "mini.toml").read_text()
+    text = text.replace("[extract]\n", f'[extract]\nstore_dtype = "{dtype}"\ncodec = "none"\n', 1)
+    text, n = re.subn(r"(?m)^epochs = .*$", f"epochs = {epochs}", text)
+    assert n == 1
+    path = tmp / f"mini-{dtype}.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def _pipeline(tmp: Path, tars: list[str], dtype: str, epochs: int):
+    from spar_pipeline import augment, extract, ingest, train
+    from spar_pipeline.run import Run
+
+    run = Run(str(tmp / dtype))
+    run.resolve_recipe(_recipe(tmp, dtype, epochs))
+    ingest.run(run, tars)
+    augment.run(run)
+    t = time.perf_counter()
+    extract.run(run, workers=1, progress=False)
+    extract_s = time.perf_counter() - t
+    report = train.run(run, processes=1, progress=False)
+    return run, extract_s, report
+
+
+def _errors(ref: np.ndarray, got: np.ndarray) -> dict:
+    x, y = ref.reshape(-1, ref.shape[-1]).astype(np.float64), got.reshape(-1, ref.shape[-1]).astype(np.float64)
+    cos = (x * y).sum(1) / np.maximum(np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1), 1e-30)
+    return dict(err=float(((x - y) ** 2).sum()), energy=float((x ** 2).sum()), cos_mean=float(cos.mean()),
+                cos_min=float(cos.min()))
+
+
+def _per_pixel_int8(m: np.ndarray) -> np.ndarray:
+    x = m.astype(np.float32)
+    scale = np.maximum(np.abs(x).max(-1, keepdims=True), 1e-30) / 127
+    return (np.clip(np.rint(x / scale), -127, 127) * scale).astype(np.float16)
+
+
+def _fp8_per_channel(m: np.ndarray) -> np.ndarray:
+    x = torch.from_numpy(m.astype(np.float32))
+    scale = x.abs().amax(dim=(0, 1)).clamp_min(1e-30) / 448.0  # e4m3's largest finite value
+    return ((x / scale).to(torch.float8_e4m3fn).to(torch.float32) * scale).to(torch.float16).numpy()
+
+
+def _summary(parts: list[dict]) -> dict:
+    return dict(rel_mse=sum(p["err"] for p in parts) / sum(p["energy"] for p in parts),
+                cos_mean=statistics.mean(p["cos_mean"] for p in parts), cos_min=min(p["cos_min"] for p in parts))
+
+
+def _read_ms(store, ids: list[int], repeats: int = 5) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for i in ids:
+            store.read(i)
+        times.append((time.perf_counter() - t) / len(ids))
+    return 1e3 * statistics.median(times)
+
+
+def main(quick: bool = False) -> dict:
+    from spar_pipeline import evaluate, manifest
+    from spar_pipeline.scenes import make_scene_source
+    from spar_pipeline.store import FeatureStore
+    from spar_pipeline.tools import load_models
+
+    logging.getLogger("spar_pipeline").setLevel(logging.WARNING)
+    n_tars, per_tar, epochs = (2, 12, 3) if quick else (4, 16, 8)
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory(prefix="bench-quant-") as t:
+        tmp = Path(t)
+        tars = make_scene_source(tmp / "src", n_tars=n_tars, per_tar=per_tar, seed=0)
+        runs, extract_s, reports = {}, {}, {}
+        for dtype in ("float16", "int8"):
+            runs[dtype], extract_s[dtype], reports[dtype] = _pipeline(tmp, tars, dtype, epochs)
+        stores = {d: FeatureStore.open(r.url_for("features.zarr")) for d, r in runs.items()}
+        ids = sorted(r["image_id"] for r in manifest.read_manifest(runs["float16"], "extract").to_pylist()
+                     if r["status"] == "ok")
+        maps = {i: stores["float16"].read(i) for i in ids}
+        errors = {
+            "int8_per_channel_stored": _summary([_errors(maps[i], stores["int8"].read(i)) for i in ids]),
+            "int8_per_pixel": _summary([_errors(maps[i], _per_pixel_int8(maps[i])) for i in ids]),
+            "fp8_e4m3_per_channel": _summary([_errors(maps[i], _fp8_per_channel(maps[i])) for i in ids]),
+        }
+        nbytes = {d: statistics.mean(s.nbytes_stored(i) for i in ids) for d, s in stores.items()}
+        read_ms = {d: _read_ms(s, ids[:16]) for d, s in stores.items()}
+        # each student against the float16 teacher maps of the same held-out images
+        scores = {}
+        for label, (run, ckpt) in {"pretrained": (runs["float16"], "pretrained"),
+                                   "student_float16": (runs["float16"], "best"),
+                                   "student_int8": (runs["int8"], "best")}.items():
+            _, model = load_models(None, ckpt, run, device="cpu", need_pretrained=False)
+            scores[label] = evaluate.feature_mse(model.eval(), runs["float16"])
+    out = dict(
+        quick=quick, backbone="mini-clip (shipped weights)", images=len(ids), epochs=epochs,
+        map_shape_example=list(maps[ids[0]].shape), errors=errors,
+        bytes_per_map=nbytes, bytes_int8_vs_float16=nbytes["int8"] / nbytes["float16"],
+        read_ms_per_map=read_ms, extract_seconds=extract_s,
+        held_out_mse_vs_float16_teacher=scores,
+        student_int8_vs_float16=scores["student_int8"] / scores["student_float16"],
+        train_val_mse_own_store={d: r["best_val_mse"] for d, r in reports.items()},
+    )
+    print(f"{len(ids)} maps like {out['map_shape_example']}, {epochs} epochs; errors against the float16 maps:")
+    for k, e in errors.items():
+        print(f"  {k:26s} rel MSE {e['rel_mse']:.2e}   cosine mean {e['cos_mean']:.6f}  min {e['cos_min']:.5f}")
+    print(f"bytes per map: float16 {nbytes['float16']:.0f}, int8 {nbytes['int8']:.0f} "
+          f"({out['bytes_int8_vs_float16']:.3f}×); read ms per map: float16 {read_ms['float16']:.3f}, "
+          f"int8 {read_ms['int8']:.3f}")
+    print("held-out MSE against the float16 teacher: " + ", ".join(f"{k} {v:.5f}" for k, v in scores.items())
+          + f"; int8-trained / float16-trained = {out['student_int8_vs_float16']:.3f}")
+    return save("quant", out)
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(quick="--quick" in sys.argv)
