@@ -32,12 +32,17 @@ def _measured_efficiency() -> float | None:
         return None
 
 
-def _default_codec_ratio() -> float | None:
-    """Stored / raw bytes of the default codec (blosc zstd-3 bit-shuffle) from the last store bench."""
+# store options against raw float16 (the default, codec "none"): measured rows of bench/results/store.json
+STORE_OPTIONS = {"blosc": "blosc-zstd-3-bitshuffle", "int8": "int8-none"}
+
+
+def _store_ratios() -> dict[str, float]:
+    """Stored / raw float16 bytes of each store option, from the last store bench (synthetic maps)."""
     try:
-        return json.loads((RESULTS / "store.json").read_text())["store"]["blosc-zstd-3-bitshuffle"]["bytes_vs_raw"]
+        rows = json.loads((RESULTS / "store.json").read_text())["store"]
     except (OSError, KeyError, ValueError):
-        return None
+        return {}
+    return {name: rows[label]["bytes_vs_raw"] for name, label in STORE_OPTIONS.items() if label in rows}
 
 
 def main(quick: bool = False) -> dict:
@@ -71,20 +76,21 @@ def main(quick: bool = False) -> dict:
     train_flops = int(train_flops * (1 + 2 * 2 / 12) * TRAIN_EPOCHS)
     extract_flops = windows * per_window
     measured = _measured_efficiency()
-    codec = _default_codec_ratio()
+    ratios = _store_ratios()
     out = dict(
         images=IMAGES, source_size=list(SOURCE), window=K, stride=s, recipe="siglip2-b16",
         distinct_sizes=len(sizes), windows=windows, windows_per_image=windows / IMAGES,
         tokens_per_image=tokens / IMAGES, flops_per_window=per_window, extract_flops=extract_flops,
         store_bytes_float16=store_bytes, store_bytes_per_image=store_bytes / IMAGES,
-        store_bytes_default_codec=store_bytes * codec if codec else None,
+        store_bytes_options={name: store_bytes * r for name, r in ratios.items()},
         train_flops_10_epochs=train_flops, forward_flops_fit=dict(per_token=a, per_token_pair=b,
                                                                   relative_error_at_8192_tokens=fit_error),
         assumptions=dict(
             h100_peak_flops=H100_BF16_DENSE, assumed_gpu_efficiency=ASSUMED_GPU_EFFICIENCY,
             measured_cpu_efficiency_vs_matmul=measured,
             source="every source 2250×1500; sizes from augment.draw (seed 0) for ids 1..25000",
-            store=f"float16 [H/16, W/16, 768]; default codec at {codec} of raw (synthetic maps, bench/results/store.json)",
+            store=f"float16 [H/16, W/16, 768], default codec none; options at {ratios} of raw "
+                  "(synthetic maps, bench/results/store.json)",
             train=f"{TRAIN_EPOCHS} epochs, single pass per image, backward through 2 of 12 blocks: forward × 4/3",
         ),
     )
@@ -98,7 +104,8 @@ def main(quick: bool = False) -> dict:
           f"({windows / IMAGES:.0f}/image, K={K}, s={s}); {per_window / 1e9:.1f} GFLOP/window")
     print(f"extract {extract_flops / 1e15:.1f} PFLOP; store {store_bytes / 1e9:.1f} GB float16 "
           f"({store_bytes / IMAGES / 1e6:.2f} MB/image"
-          + (f", {store_bytes * codec / 1e9:.1f} GB with the default codec" if codec else "") + f"); train {TRAIN_EPOCHS} epochs {train_flops / 1e15:.1f} PFLOP")
+          + "".join(f", {store_bytes * r / 1e9:.1f} GB {name}" for name, r in ratios.items())
+          + f"); train {TRAIN_EPOCHS} epochs {train_flops / 1e15:.1f} PFLOP")
     for label, h in hours.items():
         print(f"one H100 at {h['efficiency']:.2f} of {H100_BF16_DENSE / 1e12:.0f} TFLOP/s ({label}): "
               f"extract {h['extract_hours']:.1f} h, train {h['train_hours']:.1f} h")

@@ -99,7 +99,7 @@ def main(quick: bool = False) -> dict:
     from spar_pipeline.tools import load_models
 
     logging.getLogger("spar_pipeline").setLevel(logging.WARNING)
-    n_tars, per_tar, epochs = (2, 12, 3) if quick else (4, 16, 8)
+    n_tars, per_tar, epochs = (2, 8, 2) if quick else (4, 16, 8)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory(prefix="bench-quant-") as t:
         tmp = Path(t)
