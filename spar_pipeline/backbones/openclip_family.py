@@ -53,7 +53,8 @@ class SiglipBackbone(_OpenClipText, Backbone):
         gh, gw = math.ceil(H / P), math.ceil(W / P)
         if (gh * P, gw * P) != (H, W):  # dynamic padding: zeros bottom/right of the normalised image
             x = F.pad(x, (0, gw * P - W, 0, gh * P - H))
-        tokens = t.patch_embed.proj(x).flatten(2).transpose(1, 2)
+        # contiguous tokens: a transposed stream made every LayerNorm copy it first (bench/bench_profile.py)
+        tokens = t.patch_embed.proj(x).flatten(2).transpose(1, 2).contiguous()
         tokens = t.patch_embed.norm(tokens)
         pos = t.pos_embed
         n = int(math.isqrt(pos.shape[1]))
