@@ -114,6 +114,11 @@ def _unpack_int8(packed: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return dequantize_int8(packed[_SCALE_ROWS:].reshape(shape), scale)
 
 
+def _is_fill(value, fill) -> bool:
+    """Whether a first element equals the fill value (NaN for float16 maps; NaN != NaN)."""
+    return bool(np.isnan(value)) if isinstance(value, np.floating) else value == fill
+
+
 _hasher: ThreadPoolExecutor | None = None
 
 
@@ -316,9 +321,7 @@ class FeatureStore:
             return data.view(dtype.newbyteorder("<")).reshape(shape), meta.get("attributes") or {}
         a = self._array(image_id)
         out = a[...]
-        fill = a.fill_value
-        at_fill = np.isnan(out.flat[0]) if np.issubdtype(out.dtype, np.floating) else out.flat[0] == fill
-        if out.size and at_fill and not self._has_chunk(image_id):
+        if out.size and _is_fill(out.flat[0], a.fill_value) and not self._has_chunk(image_id):
             raise self._missing(image_id)
         return out, dict(a.attrs)
 
@@ -328,7 +331,7 @@ class FeatureStore:
         if out.dtype != np.int8:
             return np.asarray(out, dtype=np.float16)
         shape = tuple(attrs.get("map_shape") or ())
-        if len(shape) != 3 or math.prod(shape) + _SCALE_ROWS * out.shape[1] != out.size:
+        if out.ndim != 2 or len(shape) != 3 or out.shape != (_SCALE_ROWS + math.prod(shape[:2]), shape[-1]):
             raise StoreError(f"image {image_id}: int8 map of {out.shape} does not hold map_shape {list(shape)}: damaged")
         return _unpack_int8(out, shape)
 
