@@ -2,6 +2,11 @@
 bench/results/quant.json.
 
     python -m bench quant [--quick]
+    python -m bench.bench_quant --store RUN/features.zarr [--limit N]
+
+The second form measures the map error alone on an existing float16 store (a real teacher's,
+e.g. a paper-recipe run), without extracting or training anything: the check to make before
+setting ``store_dtype = "int8"`` for a new run of that teacher.
 
 Two runs of the miniature world (mini-clip, its real pretrained weights, generated scenes) from
 the same tars, seed and split, through the real stages: one stores float16 maps, one int8 (both
@@ -82,6 +87,42 @@ def _summary(parts: list[dict]) -> dict:
                 cos_mean=statistics.mean(p["cos_mean"] for p in parts), cos_min=min(p["cos_min"] for p in parts))
 
 
+def map_errors(maps: dict[int, np.ndarray], stored_int8: dict[int, np.ndarray] | None = None) -> dict:
+    """Errors of each 8-bit format against float16 ``maps`` (id -> map); the per-channel int8 of
+    the store is ``stored_int8`` when given (read back from an int8 store), else computed here."""
+    from spar_pipeline.store import dequantize_int8, quantize_int8
+
+    ids = sorted(maps)
+    per_channel = stored_int8 or {i: dequantize_int8(*quantize_int8(maps[i])) for i in ids}
+    return {
+        "int8_per_channel_stored": _summary([_errors(maps[i], per_channel[i]) for i in ids]),
+        "int8_per_pixel": _summary([_errors(maps[i], _per_pixel_int8(maps[i])) for i in ids]),
+        "fp8_e4m3_per_channel": _summary([_errors(maps[i], _fp8_per_channel(maps[i])) for i in ids]),
+    }
+
+
+def _print_errors(errors: dict) -> None:
+    for k, e in errors.items():
+        print(f"  {k:26s} rel MSE {e['rel_mse']:.2e}   cosine mean {e['cos_mean']:.6f}  min {e['cos_min']:.5f}")
+
+
+def store_errors(url: str, limit: int = 64, storage_options: dict | None = None) -> dict:
+    """``map_errors`` on up to ``limit`` maps of an existing float16 store."""
+    from spar_pipeline.store import FeatureStore, StoreError
+
+    store = FeatureStore.open(url, storage_options)
+    if store.dtype != "float16":
+        raise StoreError(f"{url} stores {store.dtype} maps; the error is measured against float16 ones")
+    ids = store.ids()[:limit]
+    if not ids:
+        raise StoreError(f"{url} holds no maps yet")
+    maps = {i: store.read(i) for i in ids}
+    out = dict(store=url, maps=len(ids), map_shape_example=list(maps[ids[0]].shape), errors=map_errors(maps))
+    print(f"{len(ids)} maps of {url} (e.g. {out['map_shape_example']}); errors against the stored float16:")
+    _print_errors(out["errors"])
+    return out
+
+
 def _read_ms(store, ids: list[int], repeats: int = 5) -> float:
     times = []
     for _ in range(repeats):
@@ -111,11 +152,7 @@ def main(quick: bool = False) -> dict:
         ids = sorted(r["image_id"] for r in manifest.read_manifest(runs["float16"], "extract").to_pylist()
                      if r["status"] == "ok")
         maps = {i: stores["float16"].read(i) for i in ids}
-        errors = {
-            "int8_per_channel_stored": _summary([_errors(maps[i], stores["int8"].read(i)) for i in ids]),
-            "int8_per_pixel": _summary([_errors(maps[i], _per_pixel_int8(maps[i])) for i in ids]),
-            "fp8_e4m3_per_channel": _summary([_errors(maps[i], _fp8_per_channel(maps[i])) for i in ids]),
-        }
+        errors = map_errors(maps, {i: stores["int8"].read(i) for i in ids})
         nbytes = {d: statistics.mean(s.nbytes_stored(i) for i in ids) for d, s in stores.items()}
         read_ms = {d: _read_ms(s, ids[:16]) for d, s in stores.items()}
         # each student against the float16 teacher maps of the same held-out images
@@ -135,8 +172,7 @@ def main(quick: bool = False) -> dict:
         train_val_mse_own_store={d: r["best_val_mse"] for d, r in reports.items()},
     )
     print(f"{len(ids)} maps like {out['map_shape_example']}, {epochs} epochs; errors against the float16 maps:")
-    for k, e in errors.items():
-        print(f"  {k:26s} rel MSE {e['rel_mse']:.2e}   cosine mean {e['cos_mean']:.6f}  min {e['cos_min']:.5f}")
+    _print_errors(errors)
     print(f"bytes per map: float16 {nbytes['float16']:.0f}, int8 {nbytes['int8']:.0f} "
           f"({out['bytes_int8_vs_float16']:.3f}×); read ms per map: float16 {read_ms['float16']:.3f}, "
           f"int8 {read_ms['int8']:.3f}")
@@ -146,6 +182,19 @@ def main(quick: bool = False) -> dict:
 
 
 if __name__ == "__main__":
-    import sys
+    import argparse
 
-    main(quick="--quick" in sys.argv)
+    parser = argparse.ArgumentParser(prog="python -m bench.bench_quant")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--store", help="measure the map error alone on this existing float16 store")
+    parser.add_argument("--limit", type=int, default=64, help="maps read from --store")
+    args = parser.parse_args()
+    if args.store:
+        from spar_pipeline.store import StoreError
+
+        try:
+            store_errors(args.store, args.limit)
+        except StoreError as e:
+            raise SystemExit(f"error: {e}") from None
+    else:
+        main(quick=args.quick)

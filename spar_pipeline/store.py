@@ -335,6 +335,11 @@ class FeatureStore:
             raise StoreError(f"image {image_id}: int8 map of {out.shape} does not hold map_shape {list(shape)}: damaged")
         return _unpack_int8(out, shape)
 
+    def ids(self) -> list[int]:
+        """Image ids with a map array (a listing: its chunk may still be missing), ascending."""
+        group = zarr.open_group(store=self._store, path="maps", mode="r", zarr_format=3)
+        return sorted(int(k) for k in group.array_keys() if k.isdigit())
+
     def exists(self, image_id: int) -> bool:
         """True when both the array and its chunk are stored."""
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from bench import __main__ as bench_main
@@ -69,3 +70,24 @@ def test_memory_measure_sees_an_allocation():
     r = bench_memory.measure("x = bytearray(300 * 2**20)", ["-"])
     assert r["maxrss_mb"] >= 300
     assert r["tree_peak_mb"] > 0
+
+
+def test_quant_store_errors_on_an_existing_store(tmp_path):
+    """The int8 error check a user runs on a real teacher's float16 store before switching."""
+    from bench import bench_quant
+    from spar_pipeline.store import FeatureStore, StoreError
+
+    url = str(tmp_path / "f.zarr")
+    st = FeatureStore.create(url, {"digest": "d"})
+    rng = np.random.default_rng(0)
+    for i in (3, 11, 7):
+        st.write(i, (rng.standard_normal((4, 5, 32)) * rng.uniform(0.1, 3, 32)).astype(np.float16))
+    assert st.ids() == [3, 7, 11]
+    out = bench_quant.store_errors(url, limit=2)
+    assert out["maps"] == 2
+    e = out["errors"]
+    assert 0 < e["int8_per_channel_stored"]["rel_mse"] < 1e-3
+    assert e["fp8_e4m3_per_channel"]["rel_mse"] > e["int8_per_channel_stored"]["rel_mse"]  # 3 mantissa bits
+    FeatureStore.create(str(tmp_path / "empty.zarr"), {"digest": "d"})
+    with pytest.raises(StoreError, match="no maps"):
+        bench_quant.store_errors(str(tmp_path / "empty.zarr"))
