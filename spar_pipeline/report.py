@@ -10,16 +10,16 @@ from spar_pipeline.run import Run
 __all__ = ["write_summary", "store_bytes"]
 
 
-def store_bytes(run: Run, rows: list[dict]) -> tuple[int, int]:
-    """(bytes on storage, raw float16 bytes) of the stored teacher maps."""
+def store_bytes(run: Run, rows: list[dict]) -> tuple[int, int, str]:
+    """(bytes on storage, raw float16 bytes, the store's map dtype and codec) of the stored teacher maps."""
     from spar_pipeline.store import FeatureStore
 
     if not rows:
-        return 0, 0
+        return 0, 0, ""
     store = FeatureStore.open(run.url_for("features.zarr"), storage_options=run.storage_options)
     stored = sum(store.nbytes_stored(r["image_id"]) for r in rows)
     raw = sum(r["grid_h"] * r["grid_w"] * r["dim"] * 2 for r in rows)
-    return stored, raw
+    return stored, raw, f"{store.dtype}, codec {store.codec}"
 
 
 def _counts(table) -> tuple[int, int]:
@@ -35,11 +35,11 @@ def write_summary(run: Run, reports: dict[str, Any]) -> str:
         ok, rej = _counts(manifest.read_manifest(run, stage))
         lines.append(f"| {stage} | {ok} | {rej} |")
     ext = [r for r in manifest.read_manifest(run, "extract").to_pylist() if r["status"] == "ok"]
-    stored, raw = store_bytes(run, ext)
+    stored, raw, layout = store_bytes(run, ext)
     lines += ["", "## Teacher store", ""]
     if raw:
         lines.append(f"- {len(ext)} maps, {stored / 1e6:.2f} MB stored vs {raw / 1e6:.2f} MB raw float16 "
-                     f"({stored / raw:.2f}×)")
+                     f"({stored / raw:.2f}×; {layout})")
     summaries = [s for s in manifest.read_manifest(run, "summary").to_pylist() if s["stage"] == "extract"]
     if summaries:
         s = summaries[-1]

@@ -23,6 +23,7 @@ def test_mini_demo_spar_beats_single_pass_and_is_faster_than_sliding(tmp_path):
     assert spar["seconds_per_image"] < sliding["seconds_per_image"]
     summary = (Path(run) / "reports" / "summary.md").read_text()
     assert "Open-vocabulary segmentation" in summary and "SPAR student (best)" in summary
+    assert "×; float16, codec none)" in summary  # the store line names its format
     assert out.stdout.strip().startswith("# spar-pipeline run summary")
 
     parts = lambda: len(list((Path(run) / "manifests" / "evaluate").glob("*.parquet")))  # noqa: E731
