@@ -97,7 +97,7 @@ class ExtractConfig:
     window: int = field(metadata=_check(_positive))  # teacher window K (the backbone's native size)
     stride: int = field(metadata=_check(_positive))  # teacher stride s (paper: 24)
     window_batch: int = field(metadata=_check(_positive))  # windows per forward, may span images
-    precision: str = field(metadata=_check(_choice("fp16", "bf16", "fp32")))  # autocast dtype on GPU
+    precision: str = field(metadata=_check(_choice("fp16", "bf16", "fp32")))  # autocast dtype (CPU: bf16 only)
     images_per_task: int = field(default=8, metadata=_check(_positive))  # images in one unit of work
     # teacher-map codec. "none" reads at ~0.96x a plain file's speed; "blosc" (zstd over bit-shuffled
     # float16) is 0.89x the bytes but reads ~10x slower (bench/bench_read.py, bench/bench_store.py)

@@ -188,3 +188,24 @@ def test_int8_store_recipe_extracts_and_trains(tmp_path):
     assert raw < 0.6 * got.size * 2  # about half of float16's bytes
     report = train.run(run, epochs=1, progress=False, stop_after_steps=2)
     assert report["steps_this_run"] == 2 and np.isfinite(report["baseline_val_mse"])
+
+
+def test_cpu_autocast_only_when_the_recipe_says_bf16():
+    """precision "bf16" runs the CPU teacher under bf16 autocast, close to float32; "fp16" and
+    "fp32" keep float32 on CPU; on CUDA the recipe's dtype is used as is."""
+    from dataclasses import replace
+
+    spec = extract.ExtractSpec("", {}, "tiny-siglip", "", 64, 24, 8, "fp16", 1, {})
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert extract._autocast_dtype(spec, cpu) is None
+    assert extract._autocast_dtype(replace(spec, precision="fp32"), cpu) is None
+    assert extract._autocast_dtype(replace(spec, precision="bf16"), cpu) is torch.bfloat16
+    assert extract._autocast_dtype(spec, cuda) is torch.float16
+    assert extract._autocast_dtype(replace(spec, precision="fp32"), cuda) is None
+    b = build("tiny-siglip").eval()
+    x = torch.randn(1, 3, 96, 128)
+    with torch.no_grad():
+        ref = sliding_features(b, x, window=64, stride=24)
+        amp = sliding_features(b, x, window=64, stride=24, autocast_dtype=torch.bfloat16)
+    rel = float(((amp.float() - ref) ** 2).sum() / (ref ** 2).sum())
+    assert 0 < rel < 1e-3, rel  # bf16 changed the numbers, a little
