@@ -56,9 +56,9 @@ def held_out_look(run: Run, *, classes: list[str] | None = None) -> dict[str, An
         Image.fromarray(np.ascontiguousarray(image)).save(png)
         outs = {"pca": Path(tmp, f"pca_{image_id}.png"), "segmentation": Path(tmp, f"segmentation_{image_id}.png")}
         tools.pca_image(str(png), str(outs["pca"]), backbone=teacher, run=run, checkpoint=checkpoint,
-                        stride=recipe.extract.stride)
+                        stride=recipe.extract.stride, student=student)
         tools.segment_image(str(png), classes or DEMO_CLASSES, str(outs["segmentation"]), backbone=teacher,
-                            checkpoint=checkpoint, run=run, prob_thd=0.0)
+                            checkpoint=checkpoint, run=run, prob_thd=0.0, student=student)
         for name, out in outs.items():
             run.write_bytes_atomic(out.read_bytes(), "reports", out.name)
             pictures[name] = run.url_for("reports", out.name)

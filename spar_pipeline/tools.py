@@ -55,11 +55,12 @@ def segment_image(image_path: str, classes: Sequence[str], out_png: str, *, back
                   checkpoint: str = "pretrained", run: Run | str | None = None, logit_scale: float = 40.0,
                   logit_bias: float = 0.0, prob_thd: float = 0.0, area_thd: float = 0.0,
                   resize_scale: Sequence[int] | None = None, mode: str = "single", stride: int | None = None,
-                  device: str | None = None) -> dict:
+                  device: str | None = None, student=None) -> dict:
     """CLI ``segment IMAGE --classes ... [--checkpoint ...] [--out PNG]``: segment one image into the
     given class lines (see ``parse_classes``; put a background class first and set ``prob_thd`` to send
     unsure pixels to it) and save the overlay with a legend. Defaults follow the reference demo: logit
-    scale 40, no threshold, no resize. Returns {"out": path, "present": [class names shown]}."""
+    scale 40, no threshold, no resize. ``student``: the checkpoint's model already built (not built
+    again). Returns {"out": path, "present": [class names shown]}."""
     from spar_pipeline.datasets import load_image, templates
     from spar_pipeline.recipe import DatasetEval
     from spar_pipeline.segment import predict
@@ -69,7 +70,7 @@ def segment_image(image_path: str, classes: Sequence[str], out_png: str, *, back
         raise ValueError("segment: no classes given; e.g. --classes \"background, road, car, sky\"")
     run = Run(run) if isinstance(run, str) else run
     image = load_image(image_path)
-    pretrained, model = load_models(backbone, checkpoint, run, device)
+    pretrained, model = load_models(backbone, checkpoint, run, device, model=student)
     text = pretrained.class_embeddings(classes, templates())
     cfg = DatasetEval(logit_scale=logit_scale, logit_bias=logit_bias, prob_thd=prob_thd, area_thd=area_thd)
     label = predict(model, image, text, cfg, resize_scale, mode, stride)
@@ -100,20 +101,22 @@ def features(image_path: str, out_npy: str, *, backbone=None, checkpoint: str = 
 
 def pca_image(image_path: str, out_png: str, *, backbone=None, run: Run | str | None = None,
               checkpoint: str | None = None, stride: int = 24, resize_scale: Sequence[int] | None = None,
-              device: str | None = None) -> dict:
+              device: str | None = None, student=None) -> dict:
     """CLI ``pca IMAGE [--run RUN] [--checkpoint ...] --out PNG``: first three principal components as
     RGB, teacher (pretrained, sliding windows of K at ``stride``) left and student (single pass; the
     run's best checkpoint when it exists, else the given or pretrained weights) right, on one shared
     basis. The image is resized keeping its ratio when ``resize_scale`` is given, then to multiples of
-    the patch size. The PNG is 2·W × H of that image. Returns {"out", "student", "size"}."""
+    the patch size. The PNG is 2·W × H of that image. ``student``: the checkpoint's model already
+    built (not built again). Returns {"out", "student", "size"}."""
     from spar_pipeline.datasets import load_image
+    from spar_pipeline.evaluate import BEST
     from spar_pipeline.segment import normalise, resize_image
     from spar_pipeline.windows import sliding_features
 
     run = Run(run) if isinstance(run, str) else run
     if checkpoint is None:
-        checkpoint = "best" if run is not None and run.exists("checkpoints", "best.safetensors") else "pretrained"
-    teacher_model, student_model = load_models(backbone, checkpoint, run, device)
+        checkpoint = "best" if run is not None and run.exists(*BEST) else "pretrained"
+    teacher_model, student_model = load_models(backbone, checkpoint, run, device, model=student)
     P = teacher_model.patch_size
     image = _snap(resize_image(load_image(image_path), resize_scale), P)
     x = normalise(teacher_model, image)
@@ -160,14 +163,16 @@ def overlay(image: np.ndarray, label: np.ndarray, names: Sequence[str], alpha: f
 
 
 # ---- helpers -----------------------------------------------------------------------------
-def load_models(backbone, checkpoint: str, run: Run | None, device=None, need_pretrained: bool = True):
+def load_models(backbone, checkpoint: str, run: Run | None, device=None, need_pretrained: bool = True,
+                model=None):
     """(pretrained, model with the checkpoint): the same object for "pretrained"; the first is None
-    when not needed (only the checkpoint is then built)."""
+    when not needed (only the checkpoint is then built). ``model``: the checkpoint's model already
+    built, used as it is."""
     from spar_pipeline.backbones import build
     from spar_pipeline.evaluate import resolve_checkpoint
 
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    path = resolve_checkpoint(run, checkpoint)
+    path = None if model is not None else resolve_checkpoint(run, checkpoint)
     if backbone is not None and not isinstance(backbone, str):
         pretrained, name = backbone.to(dev).eval(), backbone.name
     else:
@@ -176,8 +181,9 @@ def load_models(backbone, checkpoint: str, run: Run | None, device=None, need_pr
         if path is not None and not need_pretrained:
             return None, build(name, path, device=dev)
         pretrained = build(name, base or None, device=dev)
-    model = pretrained if path is None else build(name, path, device=dev)
-    return pretrained, model
+    if model is not None:
+        return pretrained, model.to(dev).eval()
+    return pretrained, pretrained if path is None else build(name, path, device=dev)
 
 
 def _snap(image: np.ndarray, patch: int) -> np.ndarray:
