@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from bench import bench_profile
-from bench.common import backbone, forward_flops, forward_seconds, matmul_flops, save
+from bench.common import backbone, forward_flops, forward_seconds, save
 from spar_pipeline.windows import count_windows, sliding_features_many
 
 
@@ -39,12 +39,8 @@ def _extraction(name: str, size: tuple[int, int], stride: int, batch: int, repea
 
 
 def main(quick: bool = False) -> dict:
-    torch.set_float32_matmul_precision("medium")  # as the extract stage sets it
-    ceiling = matmul_flops(2048, 5)
-    ceiling_bf16 = matmul_flops(2048, 5, torch.bfloat16)
-    torch.set_float32_matmul_precision("highest")
-    ceiling_highest = matmul_flops(2048, 5)
-    torch.set_float32_matmul_precision("medium")
+    ceilings = bench_profile.ceilings()  # leaves precision "medium", as the extract stage sets it
+    ceiling, ceiling_bf16, ceiling_highest = ceilings["float32_medium"], ceilings["bfloat16"], ceilings["highest"]
     print(f"{torch.get_num_threads()} threads: matmul 2048² float32 {ceiling / 1e9:.1f} GFLOP/s (precision medium, "
           f"the ceiling used), {ceiling_highest / 1e9:.1f} GFLOP/s (highest); bfloat16 {ceiling_bf16 / 1e9:.1f} GFLOP/s")
     rows = [_extraction("tiny-siglip", (256, 256), 24, 32, 5, True)]

@@ -29,7 +29,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from bench.common import backbone, forward_flops, matmul_flops, save
+from bench.common import backbone, flops_per_op, forward_flops, matmul_flops, save
 from spar_pipeline.windows import sliding_features_many
 
 NAME = "siglip2-b16-512"
@@ -202,14 +202,7 @@ def breakdown(b, x: torch.Tensor, ctx=contextlib.nullcontext, model=None) -> dic
 
 def _flop_counts(batch: int, height: int, width: int) -> dict:
     """Counted FLOPs split into GEMM/conv ("matmul") and attention (counted as bmm on meta)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from bench.common import _meta_model
-
-    x = torch.empty(batch, 3, height, width, device="meta")
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        _meta_model(NAME).dense(x)
-    per_op = {str(k): v for k, v in counter.get_flop_counts()["Global"].items()}
+    per_op = flops_per_op(NAME, height, width, batch)
     attn = sum(v for k, v in per_op.items() if "bmm" in k or "attention" in k)
     return dict(matmul=sum(per_op.values()) - attn, attention=attn, per_op=per_op)
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import save
+from bench.common import median_time, save
 
 
 def _recipe(tmp: Path, dtype: str, epochs: int) -> str:
@@ -124,13 +124,7 @@ def store_errors(url: str, limit: int = 64, storage_options: dict | None = None)
 
 
 def _read_ms(store, ids: list[int], repeats: int = 5) -> float:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        for i in ids:
-            store.read(i)
-        times.append((time.perf_counter() - t) / len(ids))
-    return 1e3 * statistics.median(times)
+    return 1e3 * median_time(lambda: [store.read(i) for i in ids], repeats) / len(ids)
 
 
 def main(quick: bool = False) -> dict:

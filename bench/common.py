@@ -51,8 +51,8 @@ def _meta_model(name: str):
 
 
 @functools.cache
-def forward_flops(name: str, height: int, width: int, batch: int = 1) -> int:
-    """FLOPs of one ``dense`` forward, counted by torch's FlopCounterMode on meta tensors (no compute).
+def flops_per_op(name: str, height: int, width: int, batch: int = 1) -> dict[str, int]:
+    """FLOPs of one ``dense`` forward by op, counted by torch's FlopCounterMode on meta tensors (no compute).
 
     Counts matmuls, convolutions and attention (bmm); elementwise ops (norms, GELU, softmax) are
     not counted, as usual for FLOP figures (they are < 2% of a ViT-B forward).
@@ -64,7 +64,12 @@ def forward_flops(name: str, height: int, width: int, batch: int = 1) -> int:
     x = torch.empty(batch, 3, height, width, device="meta")
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         meta.dense(x)
-    return int(counter.get_total_flops())
+    return {str(k): int(v) for k, v in counter.get_flop_counts()["Global"].items()}
+
+
+def forward_flops(name: str, height: int, width: int, batch: int = 1) -> int:
+    """Total FLOPs of one ``dense`` forward (see ``flops_per_op``)."""
+    return sum(flops_per_op(name, height, width, batch).values())
 
 
 def matmul_flops(n: int = 2048, repeats: int = 5, dtype=None) -> float:
