@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -130,11 +129,6 @@ def _checksum_async(arr: np.ndarray) -> Future:
     return _hasher.submit(map_checksum, arr)
 
 
-def _safe_url(url: str) -> str:
-    """The URL as users may see it: no user:password@, no signed query secrets."""
-    return redact(re.sub(r"(://)[^/@]*@", r"\1***@", url))
-
-
 def _compressors(codec: str, level: int) -> list:
     if codec == "none":
         return []
@@ -178,7 +172,7 @@ class FeatureStore:
         self._compressors = _compressors(codec, level)
 
     def __repr__(self) -> str:
-        return f"FeatureStore({_safe_url(self.url)!r}, codec={self.codec!r}, level={self.level}, dtype={self.dtype!r})"
+        return f"FeatureStore({redact(self.url)!r}, codec={self.codec!r}, level={self.level}, dtype={self.dtype!r})"
 
     # -- opening -------------------------------------------------------------------------
 
@@ -210,11 +204,11 @@ class FeatureStore:
         try:
             root = zarr.open_group(store=_zarr_store(url, storage_options, read_only=True), mode="r", zarr_format=3)
         except (FileNotFoundError, NodeNotFoundError):
-            raise StoreNotFound(f"no feature store at {_safe_url(url)} (create it with the extract stage)") from None
+            raise StoreNotFound(f"no feature store at {redact(url)} (create it with the extract stage)") from None
         attrs = dict(root.attrs)
         if fingerprint is not None and attrs.get("fingerprint") != fingerprint:
             raise StoreError(
-                f"{_safe_url(url)} holds maps of another teacher (differs in: "
+                f"{redact(url)} holds maps of another teacher (differs in: "
                 f"{_fingerprint_diff(attrs.get('fingerprint') or {}, fingerprint)}); use a new run folder"
             )
         store = _zarr_store(url, storage_options, read_only=False)
@@ -274,7 +268,7 @@ class FeatureStore:
         try:
             return zarr.open_array(store=self._store, path=self._path(image_id), mode="r", zarr_format=3)
         except (FileNotFoundError, NodeNotFoundError):
-            raise MapMissing(f"image {image_id}: no map in {_safe_url(self.url)}") from None
+            raise MapMissing(f"image {image_id}: no map in {redact(self.url)}") from None
 
     def _has_chunk(self, image_id: int) -> bool:
         return bool(sync(self._store.exists(self._chunk_key(image_id))))
@@ -293,7 +287,7 @@ class FeatureStore:
         return data if data.flags.writeable else data.copy()  # bytes from fsspec are read-only
 
     def _missing(self, image_id: int) -> MapMissing:
-        return MapMissing(f"image {image_id}: map in {_safe_url(self.url)} has no data (write cut short)",
+        return MapMissing(f"image {image_id}: map in {redact(self.url)} has no data (write cut short)",
                           "missing chunk")
 
     def _stored(self, image_id: int) -> tuple[np.ndarray, dict]:
@@ -301,7 +295,7 @@ class FeatureStore:
         chunk raises MapMissing."""
         raw = self._get(f"{self._path(image_id)}/zarr.json")
         if raw is None:
-            raise MapMissing(f"image {image_id}: no map in {_safe_url(self.url)}")
+            raise MapMissing(f"image {image_id}: no map in {redact(self.url)}")
         try:
             meta = json.loads(raw.tobytes())
             shape, dtype = tuple(meta["shape"]), np.dtype(meta["data_type"])
@@ -310,7 +304,7 @@ class FeatureStore:
                      and (codecs[0].get("configuration") or {}).get("endian", "little") == "little"
                      and meta["chunk_grid"]["configuration"]["chunk_shape"] == list(shape))
         except (ValueError, KeyError, TypeError) as e:
-            raise StoreError(f"image {image_id}: damaged metadata in {_safe_url(self.url)} ({_one_line(e)})") from None
+            raise StoreError(f"image {image_id}: damaged metadata in {redact(self.url)} ({_one_line(e)})") from None
         if plain and dtype.name in MAP_DTYPES:  # the chunk's bytes are the array
             data = self._get(self._chunk_key(image_id))
             if data is None:
