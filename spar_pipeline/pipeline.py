@@ -119,12 +119,10 @@ def run_all(
             return rows
 
         reports["evaluate"] = timed("evaluate", evaluate_all)
-    if _is_mini(run):  # name what the mini model knows in the overlay
-        from spar_pipeline.datasets import class_lines
+    from spar_pipeline.datasets import class_lines
 
-        reports["look"] = timed("held-out look", held_out_look, run, classes=class_lines("scenes"))
-    else:
-        reports["look"] = timed("held-out look", held_out_look, run)
+    classes = class_lines("scenes") if _is_mini(run) else None  # name what the mini model knows in the overlay
+    reports["look"] = timed("held-out look", held_out_look, run, classes=classes)
     reports["seconds"] = time.perf_counter() - t0
     reports["timings"] = timings
     reports["summary"] = write_summary(run, reports)
