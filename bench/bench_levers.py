@@ -19,8 +19,8 @@ import time
 
 import torch
 
-from bench.common import backbone, median_time, save
-from spar_pipeline.windows import sliding_features_many
+from bench.common import DenseOnly, backbone, median_time, save
+from spar_pipeline.windows import count_windows, sliding_features_many
 
 NAME = "siglip2-b16-512"
 
@@ -60,15 +60,9 @@ def _paired(b, model, image: torch.Tensor, batch: int, repeats: int, variant: st
     for _ in range(repeats):
         base.append(_time(b, image, batch, 1, "baseline", b))
         var.append(_time(model, image, batch, 1, variant, b))
-    n = len(sliding_jobs(image, b.window))
+    n = count_windows(image.shape[-2], image.shape[-1], b.window, 24)
     base_s, var_s = statistics.median(base), statistics.median(var)
     return dict(seconds_per_window=var_s / n, baseline_seconds_per_window=base_s / n, speedup=base_s / var_s)
-
-
-def sliding_jobs(image: torch.Tensor, K: int) -> list:
-    from spar_pipeline.windows import window_starts
-
-    return [(t, l) for t in window_starts(image.shape[-2], K, 24) for l in window_starts(image.shape[-1], K, 24)]
 
 
 def main(quick: bool = False) -> dict:
@@ -76,7 +70,7 @@ def main(quick: bool = False) -> dict:
     b = backbone(NAME)
     width, repeats = (512, 2) if quick else (560, 3)  # 1 or 3 windows of 512 at stride 24
     image = torch.randn(1, 3, 512, width)
-    n = len(sliding_jobs(image, b.window))
+    n = count_windows(image.shape[-2], image.shape[-1], b.window, 24)
     variants = ["autocast_bf16", "attention_math", "threads_1", "precision_highest"]
     if not quick:
         variants.append("channels_last")
@@ -88,15 +82,10 @@ def main(quick: bool = False) -> dict:
             rows[f"window_batch_{batch}_vs_{n}"] = dict(seconds_per_window=statistics.median(var) / n,
                                                       speedup=statistics.median(base) / statistics.median(var))
         t = time.perf_counter()
-        compiled = torch.compile(b.dense)
-
-        class _Compiled:  # the duck type sliding_features_many needs
-            patch_size, dim, window = b.patch_size, b.dim, b.window
-            dense = staticmethod(compiled)
-
-        sliding_features_many(_Compiled, [image[0]], b.window, 24, batch=n)  # compiles
+        compiled = DenseOnly(b, torch.compile(b.dense))
+        sliding_features_many(compiled, [image[0]], b.window, 24, batch=n)  # compiles
         compile_s = time.perf_counter() - t
-        rows["torch_compile"] = dict(compile_seconds=compile_s, **_paired(b, _Compiled, image, n, repeats, "baseline"))
+        rows["torch_compile"] = dict(compile_seconds=compile_s, **_paired(b, compiled, image, n, repeats, "baseline"))
     for v, r in rows.items():
         print(f"{v:20s} {r['seconds_per_window']:6.2f} s/window  speedup {r['speedup']:.2f}×"
               + (f"  (compile {r['compile_seconds']:.0f} s)" if "compile_seconds" in r else ""), flush=True)

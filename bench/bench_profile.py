@@ -29,7 +29,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from bench.common import backbone, flops_per_op, forward_flops, matmul_flops, save
+from bench.common import DenseOnly, backbone, flops_per_op, forward_flops, matmul_flops, save
 from spar_pipeline.windows import sliding_features_many
 
 NAME = "siglip2-b16-512"
@@ -120,13 +120,6 @@ def _malloc_keep() -> Iterator[None]:
         _mallopt(*_MALLOC_DEFAULT_LIKE)
 
 
-class _Model:
-    """The duck type sliding_features_many needs, with ``dense`` replaced."""
-
-    def __init__(self, b, dense: Callable[[torch.Tensor], torch.Tensor]):
-        self.patch_size, self.dim, self.window, self.dense = b.patch_size, b.dim, b.window, dense
-
-
 def variants(b, names: list[str]) -> dict[str, tuple[Callable[[], contextlib.AbstractContextManager], object, str]]:
     """name -> (context factory, model for sliding_features_many, precision the matmuls compute in)."""
     out = {}
@@ -136,9 +129,9 @@ def variants(b, names: list[str]) -> dict[str, tuple[Callable[[], contextlib.Abs
         parts = name.split("+")
         model, precision = b, "float32_medium"
         if "bf16_model" in parts:
-            model, precision = _Model(b16, lambda x, m=b16: m.dense(x.to(torch.bfloat16))), "bfloat16"
+            model, precision = DenseOnly(b16, lambda x, m=b16: m.dense(x.to(torch.bfloat16))), "bfloat16"
         if "compile" in parts:  # default mode; the first call (compile seconds) is reported apart
-            model = _Model(b, torch.compile(model.dense))
+            model = DenseOnly(b, torch.compile(model.dense))
         if "autocast_bf16" in parts:
             precision = "bfloat16"
 

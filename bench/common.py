@@ -72,6 +72,14 @@ def forward_flops(name: str, height: int, width: int, batch: int = 1) -> int:
     return sum(flops_per_op(name, height, width, batch).values())
 
 
+class DenseOnly:
+    """The duck type ``sliding_features_many`` needs: a backbone's sizes with ``dense`` replaced
+    (a compiled or bf16 forward), so a lever is timed through the same stitching."""
+
+    def __init__(self, b, dense: Callable):
+        self.patch_size, self.dim, self.window, self.dense = b.patch_size, b.dim, b.window, dense
+
+
 def matmul_flops(n: int = 2048, repeats: int = 5, dtype=None) -> float:
     """This machine's large-matmul FLOP/s (n×n @ n×n, median of ``repeats``), the compute ceiling."""
     import torch
