@@ -83,7 +83,6 @@ def main(work: str | Path = "runs/mini-world", bench_images: int = 12, n_tars: i
          seed: int = 0, scales: Sequence[tuple[int, int]] = SCALES, strides: Sequence[int] = (8, 32)) -> str:
     """Build the world under ``work``, run the mini recipe, evaluate, return the Markdown table."""
     from spar_pipeline import augment, evaluate, extract, ingest, train
-    from spar_pipeline.datasets import get_dataset
     from spar_pipeline.run import Run
     from spar_pipeline.scenes import make_scene_benchmark, make_scene_source
 
@@ -111,7 +110,14 @@ def main(work: str | Path = "runs/mini-world", bench_images: int = 12, n_tars: i
         rows += [dict(r, scale=list(scale)) for r in got]
         _retime(rows[-len(got):], rec, bench_root, best)
         log.info("mini-world: %s done", scale)
-    md = table(rows, scales, _chance(get_dataset("scenes", bench_root)))
+    return _write(work, rows, scales)
+
+
+def _write(work: Path, rows: list[dict], scales: Sequence[tuple[int, int]]) -> str:
+    """WORK/table.md (returned) and WORK/rows.json, the input of ``retime``."""
+    from spar_pipeline.datasets import get_dataset
+
+    md = table(rows, scales, _chance(get_dataset("scenes", work / "bench")))
     (work / "table.md").write_text(md)
     (work / "rows.json").write_text(json.dumps(rows, indent=1))
     return md
@@ -137,7 +143,6 @@ def retime(work: str | Path = "runs/mini-world") -> str:
     """Time again the rows of an earlier ``main`` (WORK/rows.json), keep each row's fastest time so
     far, and rewrite the table: on a busy shared CPU, run it when the machine is quieter."""
     from spar_pipeline import evaluate
-    from spar_pipeline.datasets import get_dataset
     from spar_pipeline.run import Run
 
     work = Path(work)
@@ -150,10 +155,7 @@ def retime(work: str | Path = "runs/mini-world") -> str:
         _retime([r for r in rows if tuple(r["scale"]) == scale], _recipe_at(run.recipe, scale), work / "bench", best)
     for r, old in zip(rows, before):  # keep the fastest seen: contention only ever adds time
         r["seconds_per_image"] = min(r["seconds_per_image"], old)
-    md = table(rows, scales, _chance(get_dataset("scenes", work / "bench")))
-    (work / "table.md").write_text(md)
-    (work / "rows.json").write_text(json.dumps(rows, indent=1))
-    return md
+    return _write(work, rows, scales)
 
 
 def _cli() -> None:
