@@ -24,6 +24,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from spar_pipeline.errors import CheckpointError, first_line
 from spar_pipeline.fsutil import redact
 from spar_pipeline.run import Run
 
@@ -34,10 +35,6 @@ log = logging.getLogger(__name__)
 FORMAT = 1
 FOLDER = "checkpoints"
 _NAME = re.compile(r"^ckpt-(\d{9})\.(json|safetensors)$")
-
-
-class CheckpointError(RuntimeError):
-    """No usable checkpoint where one is expected; the message says which files and what to do."""
 
 
 # ---- state tree <-> (JSON tree, flat tensors) ----------------------------------------------
@@ -153,7 +150,7 @@ class Checkpointer:
         try:
             head = json.loads(self.run.read_bytes(FOLDER, f"{name}.json"))
         except (ValueError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{name}.json: not valid JSON ({str(e)[:80]})") from None
+            raise CheckpointError(f"{name}.json: not valid JSON ({first_line(e)})") from None
         if not isinstance(head, dict) or head.get("format") != FORMAT or head.get("step") != step:
             raise CheckpointError(f"{name}.json: not a format-{FORMAT} checkpoint of step {step}")
         return head
@@ -212,7 +209,7 @@ class Checkpointer:
         try:
             tensors = st_load(blob)
         except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
-            raise CheckpointError(f"{name}.safetensors: unreadable ({str(e)[:80]})") from None
+            raise CheckpointError(f"{name}.safetensors: unreadable ({first_line(e)})") from None
         return Entry(step, bool(head["epoch_end"]), head.get("meta") or {}), decode_state(head["state"], tensors)
 
     def load_latest(self) -> tuple[Entry, dict] | None:

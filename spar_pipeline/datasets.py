@@ -20,16 +20,13 @@ from typing import Iterator
 
 import numpy as np
 
+from spar_pipeline.errors import DatasetError
 from spar_pipeline.resources import assets_dir
 
 __all__ = ["DatasetSpec", "Benchmark", "DatasetError", "list_datasets", "get_spec", "get_dataset", "class_lines",
            "templates", "load_label", "load_image", "resize_scale", "make_synthetic"]
 
 IGNORE = 255
-
-
-class DatasetError(ValueError):
-    """A benchmark folder is not where or what it should be; the message names the path."""
 
 
 @dataclass(frozen=True)
@@ -68,7 +65,7 @@ for _s in (
           True, "ade20k.txt"),
     _spec("cityscapes", "cityscapes", "leftImg8bit/val", "gtFine/val", None, "_leftImg8bit.png",
           "_gtFine_labelTrainIds.png", False, "city_scapes.txt", resize="cityscapes_resize"),
-    # The miniature world's benchmark (spar_pipeline.scenes.make_scene_benchmark): ids 0…20 as stored.
+    # The miniature world's benchmark (spar_pipeline.mini.scenes.make_scene_benchmark): ids 0…20 as stored.
     _spec("scenes", "scenes", "images/val", "annotations/val", None, ".png", ".png", False, "scenes.txt"),
 ):
     if _s.name in _SPECS:  # pragma: no cover - a registry bug

@@ -26,6 +26,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from spar_pipeline.errors import EvaluateError
 from spar_pipeline.run import Run
 
 __all__ = ["run", "timing", "feature_mse", "write_table", "table_rows", "resolve_checkpoint", "EvaluateError"]
@@ -35,10 +36,6 @@ log = logging.getLogger(__name__)
 STAGE = "evaluate"
 BEST = ("checkpoints", "best.safetensors")
 MODE_CHOICES = ("single", "sliding")
-
-
-class EvaluateError(ValueError):
-    """The evaluation cannot run as asked; the message says what to pass instead."""
 
 
 # ---- public ------------------------------------------------------------------------------

@@ -13,6 +13,8 @@ import warnings
 import numpy as np
 from PIL import Image, ImageFile
 
+from spar_pipeline.errors import ImageRejected, first_line
+
 __all__ = ["ImageRejected", "decode_image", "image_size", "FORMATS"]
 
 # Formats we open; anything else is "not an image" (JPEG covers multi-picture MPO files too).
@@ -23,26 +25,17 @@ FORMATS = ("JPEG", "PNG", "TIFF", "WEBP", "BMP", "GIF")
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
-class ImageRejected(ValueError):
-    """The bytes are not a usable image; the message is the reason recorded in the manifest."""
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).splitlines()[0] if str(e) else ""
-    return text[:100] or type(e).__name__
-
-
 def _open(data: bytes) -> Image.Image:
     if not data:
         raise ImageRejected("empty file")
     try:
         return Image.open(io.BytesIO(data), formats=FORMATS)
     except Image.DecompressionBombError as e:
-        raise ImageRejected(f"decompression bomb ({_first_line(e).split(',')[0]})") from None
+        raise ImageRejected(f"decompression bomb ({first_line(e).split(',')[0]})") from None
     except Image.UnidentifiedImageError:
         raise ImageRejected(f"not an image (no {'/'.join(FORMATS[:3])}/... header)") from None
     except Exception as e:  # PIL raises many types on damaged headers
-        msg = _first_line(e)
+        msg = first_line(e)
         what = "truncated" if "truncat" in msg.lower() else "corrupt"
         raise ImageRejected(f"{what} image header ({msg})") from None
 
@@ -92,14 +85,14 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
         try:
             im.load()  # force the full decode: truncation and corrupt data show here
         except Exception as e:
-            msg = _first_line(e)
+            msg = first_line(e)
             if "truncated" in msg.lower() or "premature" in msg.lower():
                 raise ImageRejected(f"truncated {im.format} ({msg})") from None
             raise ImageRejected(f"corrupt {im.format} ({msg})") from None
         try:
             rgb = _to_rgb(im)
         except Exception as e:
-            raise ImageRejected(f"unsupported pixel mode {im.mode} ({_first_line(e)})") from None
+            raise ImageRejected(f"unsupported pixel mode {im.mode} ({first_line(e)})") from None
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.shape[:2] != (h, w):
         raise ImageRejected(f"unsupported pixel layout {im.mode} {rgb.shape}")
     return np.ascontiguousarray(rgb)

@@ -20,7 +20,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Any, Iterator
 
 from spar_pipeline import manifest
-from spar_pipeline.fsutil import redact
+from spar_pipeline.errors import first_line
 from spar_pipeline.imageio import ImageRejected, decode_image
 from spar_pipeline.run import Run
 from spar_pipeline.sources import SourceError, TarIndex, iter_tar, resolve_sources, show_url
@@ -51,8 +51,7 @@ def _sidecar_problem(data: bytes, image_id: int, w: int, h: int) -> str:
         meta = json.loads(m.group(1)) if m else json.loads(data)["image"]
         sid, sw, sh = int(meta["image_id"]), int(meta["width"]), int(meta["height"])
     except (ValueError, KeyError, TypeError) as e:
-        detail = f"no {e}" if isinstance(e, KeyError) else str(e).splitlines()[0][:60] if str(e) else type(e).__name__
-        return f"JSON sidecar malformed ({detail})"
+        return f"JSON sidecar malformed ({first_line(e)})"
     if sid != image_id:
         return f"JSON sidecar names image {sid}, not {image_id}"
     if (sw, sh) != (w, h):
@@ -149,11 +148,6 @@ def _outcomes(todo: list[str], workers: int, args: tuple) -> Iterator[tuple[str,
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _reason(e: BaseException) -> str:
-    text = redact(str(e)).splitlines()[0][:160] if str(e) else ""
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
-
-
 def run(
     run: Run,
     sources: list[str],
@@ -196,7 +190,7 @@ def run(
     for url, outcome in outcomes:
         where = show_url(url)
         if isinstance(outcome, BaseException):
-            log.error("ingest: %s: unreadable tar (%s); no rows written, the other tars go on", where, _reason(outcome))
+            log.error("ingest: %s: unreadable tar (%s); no rows written, the other tars go on", where, first_line(outcome, typed=True))
             report["failed_tars"] += 1
             continue
         rows, index = outcome

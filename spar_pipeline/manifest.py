@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from spar_pipeline.errors import ManifestError, first_line
 from spar_pipeline.fsutil import redact
 from spar_pipeline.resources import manifests_dir
 from spar_pipeline.run import Run
@@ -52,10 +53,6 @@ _TYPES = {
 }
 _META_STAGE = b"spar.stage"
 _META_VERSION = b"spar.schema_version"
-
-
-class ManifestError(RuntimeError):
-    """A manifest part breaks its contract (unknown version, wrong columns)."""
 
 
 @dataclass(frozen=True)
@@ -150,7 +147,7 @@ def _read_parts(run: Run, stage: str) -> tuple[list[str], list[pa.Table]]:
         try:
             table = pq.read_table(io.BytesIO(data))
         except (pa.ArrowInvalid, OSError) as e:
-            _quarantine(run, stage, name, str(e).splitlines()[0][:120])
+            _quarantine(run, stage, name, first_line(e))
             continue
         meta = table.schema.metadata or {}
         version = meta.get(_META_VERSION, b"?").decode()

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from spar_pipeline.errors import RecipeError
 from spar_pipeline.resources import stages_dir
 from spar_pipeline.store import CODECS, MAP_DTYPES
 
@@ -29,10 +30,6 @@ __all__ = [
     "recipe_fingerprint",
     "recipe_diff",
 ]
-
-
-class RecipeError(ValueError):
-    """A recipe file is wrong; the message names the file, the key and what is allowed."""
 
 
 def _positive(v: Any) -> str | None:

@@ -16,16 +16,13 @@ from typing import Any
 
 import tomli_w
 
+from spar_pipeline.errors import RunError
 from spar_pipeline.fsutil import filesystem, is_local, redact
 from spar_pipeline.recipe import Recipe, load_recipe, recipe_diff, recipe_from_dict, recipe_to_dict
 
 __all__ = ["Run", "RunError"]
 
 RUN_FILE = "run.toml"
-
-
-class RunError(RuntimeError):
-    """The run folder cannot be used as asked; the message says why and how to fix it."""
 
 
 class Run:

@@ -17,6 +17,7 @@ from typing import Callable, Iterator
 
 import fsspec
 
+from spar_pipeline.errors import SourceError, first_line
 from spar_pipeline.fsutil import filesystem, redact
 
 __all__ = [
@@ -39,10 +40,6 @@ SA_TAR = re.compile(r"^(?:sa_)?(\d+)(?:\.tar)?$")
 _REGULAR = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE)
 _FETCHED = ("http", "https")  # signed, expiring URLs: copied next to the run, then read in place
 _BLOCK = 8 << 20
-
-
-class SourceError(FileNotFoundError):
-    """A SOURCE argument names nothing usable (a FileNotFoundError, so the CLI prints one line)."""
 
 
 @dataclass(frozen=True)
@@ -95,10 +92,6 @@ def show_url(url: str) -> str:
     if url.split("://", 1)[0] in _FETCHED:
         url = url.split("?", 1)[0]
     return redact(url)
-
-
-def _brief(e: BaseException) -> str:
-    return redact(str(e)).splitlines()[0][:120] if str(e) else type(e).__name__
 
 
 def tar_name(spec: str) -> str:
@@ -199,7 +192,7 @@ def resolve_sources(
             try:
                 url = _fetch(url, f"{download_dir}/{name}", storage_options)
             except Exception as e:  # one tar's fetch failing never stops the others
-                fail(f"{name}: fetch from {show_url(url)} failed ({_brief(e)})")
+                fail(f"{name}: fetch from {show_url(url)} failed ({first_line(e)})")
                 return
         out.append(url)
 
@@ -207,7 +200,7 @@ def resolve_sources(
         try:
             found = _expand(src, storage_options)
         except Exception as e:
-            fail(f"source {show_url(src)}: {_brief(e)}")
+            fail(f"source {show_url(src)}: {first_line(e)}")
             continue
         if not found:
             fail(f"source {show_url(src)}: no .tar files match")

@@ -37,6 +37,7 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.errors import ContainsArrayAndGroupError, ContainsArrayError, ContainsGroupError, NodeNotFoundError
 
+from spar_pipeline.errors import MapMissing, StoreError, StoreNotFound, first_line
 from spar_pipeline.fsutil import _s3_options, redact
 
 __all__ = ["CODECS", "MAP_DTYPES", "FeatureStore", "MapMissing", "StoreError", "StoreNotFound", "dequantize_int8",
@@ -49,24 +50,6 @@ LAYOUT_VERSION = 1
 CODECS = ("blosc", "zstd", "blosc-shuffle", "blosc-lz4", "none")
 MAP_DTYPES = ("float16", "int8")
 _SCALE_ROWS = 4  # an int8 map's float32 scales take 4 int8 rows of D
-
-
-class StoreError(RuntimeError):
-    """The store is missing, belongs to another teacher, or a map is missing or damaged."""
-
-
-class StoreNotFound(StoreError, FileNotFoundError):
-    """No feature store at the URL."""
-
-
-class MapMissing(StoreError, KeyError):
-    """No (complete) map for this image id; ``reason`` is what verify reports."""
-
-    __str__ = BaseException.__str__  # KeyError would quote the message
-
-    def __init__(self, message: str, reason: str = "missing"):
-        super().__init__(message)
-        self.reason = reason
 
 
 def map_checksum(arr: np.ndarray) -> str:
@@ -153,11 +136,6 @@ def _zarr_store(url: str, storage_options: dict[str, Any] | None, read_only: boo
 
 def _fingerprint_diff(a: dict, b: dict) -> str:
     return ", ".join(k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:160]}" if text else type(e).__name__
 
 
 class FeatureStore:
@@ -304,7 +282,7 @@ class FeatureStore:
                      and (codecs[0].get("configuration") or {}).get("endian", "little") == "little"
                      and meta["chunk_grid"]["configuration"]["chunk_shape"] == list(shape))
         except (ValueError, KeyError, TypeError) as e:
-            raise StoreError(f"image {image_id}: damaged metadata in {redact(self.url)} ({_one_line(e)})") from None
+            raise StoreError(f"image {image_id}: damaged metadata in {redact(self.url)} ({first_line(e, typed=True)})") from None
         if plain and dtype.name in MAP_DTYPES:  # the chunk's bytes are the array
             data = self._get(self._chunk_key(image_id))
             if data is None:
@@ -349,7 +327,7 @@ class FeatureStore:
         except MapMissing as e:
             return e.reason
         except Exception as e:  # damaged metadata, or a damaged chunk failing inside the codec pipeline
-            return f"unreadable: {_one_line(e)}"
+            return f"unreadable: {first_line(e, typed=True)}"
         if data.shape != tuple(shape):
             return f"shape {data.shape} != {tuple(shape)}"
         if map_checksum(data) != checksum:

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from spar_pipeline import manifest
 from spar_pipeline.checkpoint import Checkpointer
+from spar_pipeline.errors import TrainError
 from spar_pipeline.run import Run
 
 __all__ = ["run", "TrainError", "TrainSpec", "plan", "split_holdout", "epoch_order", "rank_share", "Trainer"]
@@ -48,10 +49,6 @@ STORE = "features.zarr"
 BEST = "best.safetensors"
 BEST_OPEN_CLIP = "best_open_clip.safetensors"
 LOG_EVERY = 10  # steps between progress updates (each one syncs the device once)
-
-
-class TrainError(RuntimeError):
-    """Training cannot start or continue as asked; the message says why and what to do."""
 
 
 # ---- the data plan: which images, which split, which order --------------------------------------

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from spar_pipeline import manifest
+from spar_pipeline.errors import first_line
 from spar_pipeline.fsutil import redact
 from spar_pipeline.run import Run
 
@@ -29,7 +30,7 @@ def _check_ingest(row: dict, storage_options: dict) -> str | None:
     try:
         data = read_member(row["source"], row["offset"], row["size"], storage_options)
     except (OSError, ValueError) as e:
-        return f"tar member unreadable ({redact(str(e)).splitlines()[0][:100]})"
+        return f"tar member unreadable ({first_line(e)})"
     if hashlib.sha256(data).hexdigest()[:32] != row["checksum"]:
         return "tar member checksum mismatch"
     return None
@@ -47,7 +48,7 @@ def _check_checkpoints(run: Run, repair: bool) -> dict[str, int]:
             continue
         except (CheckpointError, FileNotFoundError, KeyError) as e:
             damaged += 1
-            log.warning("verify: checkpoint at step %d: %s", step, redact(str(e)).splitlines()[0][:160])
+            log.warning("verify: checkpoint at step %d: %s", step, first_line(e))
         if repair:
             name = f"ckpt-{step:09d}.json"
             run.fs.makedirs(run.path(FOLDER, "quarantine"), exist_ok=True)

@@ -10,11 +10,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from spar_pipeline.errors import BackboneError
+
 __all__ = ["Backbone", "BackboneError", "parse_trainable"]
-
-
-class BackboneError(ValueError):
-    """A backbone name, checkpoint or trainable spec that cannot be used; the message says what can."""
 
 log = logging.getLogger(__name__)
 
