@@ -20,7 +20,7 @@ from bench.common import save
 def _run(workers: int, n_tars: int, per_tar: int, size: tuple[int, int], recipe: str) -> dict:
     from spar_pipeline import augment, extract, ingest
     from spar_pipeline.run import Run
-    from spar_pipeline.testing import make_sa1b_source
+    from spar_pipeline.mini.sa1b_writer import make_sa1b_source
 
     with tempfile.TemporaryDirectory() as tmp:
         tars = make_sa1b_source(Path(tmp) / "src", n_tars=n_tars, per_tar=per_tar, size=size, seed=3)
@@ -53,7 +53,7 @@ def _siglip2_run(tmp: Path, n: int):
     full-image draws (the recipe's own draw would give ~1500×1000 images, ~100 windows each)."""
     from spar_pipeline import ingest, manifest
     from spar_pipeline.run import Run
-    from spar_pipeline.testing import make_sa1b_tar
+    from spar_pipeline.mini.sa1b_writer import make_sa1b_tar
 
     tar = make_sa1b_tar(tmp / "src" / "sa_000000.tar", list(range(1, n + 1)), size=(512, 512), seed=3)
     run = Run(str(tmp / "run"))
@@ -105,7 +105,7 @@ def steady(run, name: str, warm: int) -> dict:
 def _tiny_steady(per_tar: int) -> dict:
     from spar_pipeline import augment, ingest
     from spar_pipeline.run import Run
-    from spar_pipeline.testing import make_sa1b_source
+    from spar_pipeline.mini.sa1b_writer import make_sa1b_source
 
     with tempfile.TemporaryDirectory() as tmp:
         tars = make_sa1b_source(Path(tmp) / "src", n_tars=2, per_tar=per_tar, size=(240, 160), seed=3)

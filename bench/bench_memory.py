@@ -95,7 +95,7 @@ def measure(code: str, args: list[str]) -> dict:
 
 def _tiny(tmp: Path, per_tar: int) -> dict:
     from spar_pipeline.run import Run
-    from spar_pipeline.testing import make_sa1b_source
+    from spar_pipeline.mini.sa1b_writer import make_sa1b_source
 
     tars = make_sa1b_source(tmp / "src", n_tars=2, per_tar=per_tar, size=(240, 160), seed=3)
     run = Run(str(tmp / "run"))

@@ -129,7 +129,7 @@ def _read_ms(store, ids: list[int], repeats: int = 5) -> float:
 
 def main(quick: bool = False) -> dict:
     from spar_pipeline import evaluate, manifest
-    from spar_pipeline.scenes import make_scene_source
+    from spar_pipeline.mini.scenes import make_scene_source
     from spar_pipeline.store import FeatureStore
     from spar_pipeline.tools import load_models
 

@@ -45,7 +45,7 @@ def _figures(rep: dict) -> dict:
 def _tiny(tmp: Path, workers: int, per_tar: int) -> dict:
     from spar_pipeline import augment, extract, ingest, train
     from spar_pipeline.run import Run
-    from spar_pipeline.testing import make_sa1b_source
+    from spar_pipeline.mini.sa1b_writer import make_sa1b_source
 
     tars = make_sa1b_source(tmp / f"src{workers}", n_tars=2, per_tar=per_tar, size=(240, 160), seed=3)
     run = Run(str(tmp / f"tiny{workers}"))
@@ -63,7 +63,7 @@ def _siglip2_run(tmp: Path, n: int, workers: int):
     from spar_pipeline import ingest, manifest
     from spar_pipeline.run import Run
     from spar_pipeline.store import FeatureStore, map_checksum
-    from spar_pipeline.testing import make_sa1b_tar
+    from spar_pipeline.mini.sa1b_writer import make_sa1b_tar
 
     tar = make_sa1b_tar(tmp / "src" / "sa_000000.tar", list(range(1, n + 1)), size=(768, 512), seed=3)
     run = Run(str(tmp / "siglip2"))

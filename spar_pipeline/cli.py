@@ -277,7 +277,7 @@ def pretrain_mini(
     _setup_logging(verbose)
 
     def go():
-        from spar_pipeline import pretrain_mini as stage
+        from spar_pipeline.mini import pretrain as stage
 
         rep = stage.main(out, seed, minutes, steps or stage.DEFAULT_STEPS, threads)
         typer.echo(f"pretrain-mini: {rep['steps']} steps, loss {rep['loss']}, {rep['seconds']} s -> {rep['out']}")

@@ -30,7 +30,7 @@ def _is_mini(run: Run) -> bool:
 def embedded_benchmark(run: Run) -> dict[str, str]:
     """The mini recipe's own benchmark (scenes in an mmseg layout), written once under RUN/bench/
     (a local temporary folder for object-store runs): what ``run`` evaluates when given no dataset."""
-    from spar_pipeline.scenes import make_scene_benchmark
+    from spar_pipeline.mini.scenes import make_scene_benchmark
 
     root = Path(run.path("bench")) if run.local else Path(tempfile.gettempdir()) / f"spar-bench-{run.recipe.fingerprint}"
     if not (root / "scenes" / "annotations" / "val" / f"scene_{MINI_BENCH - 1:04d}.png").is_file():
@@ -40,14 +40,14 @@ def embedded_benchmark(run: Run) -> dict[str, str]:
 
 def embedded_source(run: Run) -> list[str]:
     """Generated SA-1B-layout tars under RUN/source/ (uploaded there for object-store runs)."""
-    from spar_pipeline.testing import make_sa1b_source
+    from spar_pipeline.mini.sa1b_writer import make_sa1b_source
 
     names = [f"sa_{i:06d}.tar" for i in range(MINI_TARS if _is_mini(run) else DEMO_TARS)]
     if all(run.exists("source", n) for n in names):
         return [run.url_for("source", n) for n in names]
     with tempfile.TemporaryDirectory() as tmp:
         if _is_mini(run):  # the miniature world: scenes the mini model can name
-            from spar_pipeline.scenes import make_scene_source
+            from spar_pipeline.mini.scenes import make_scene_source
 
             tars = make_scene_source(Path(tmp), n_tars=MINI_TARS, per_tar=MINI_PER_TAR, seed=run.recipe.recipe.seed)
         else:

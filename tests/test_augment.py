@@ -218,7 +218,7 @@ def _size(i: int) -> tuple[int, int]:
 def ingested(tmp_path_factory) -> tuple[Path, Path]:
     """A run folder with its ingest manifest (no augment rows) and its tar; copied per test."""
     from spar_pipeline import ingest
-    from spar_pipeline.testing import make_sa1b_tar
+    from spar_pipeline.mini.sa1b_writer import make_sa1b_tar
 
     tmp = tmp_path_factory.mktemp("augment")
     tar = make_sa1b_tar(tmp / "src" / "sa_000000.tar", IDS, size=_size, seed=3)

@@ -11,7 +11,7 @@ import pytest
 
 from spar_pipeline import manifest
 from spar_pipeline.run import Run
-from spar_pipeline.testing import make_sa1b_source
+from spar_pipeline.mini.sa1b_writer import make_sa1b_source
 
 EXE = str(Path(sys.executable).with_name("spar-pipeline"))
 

@@ -12,7 +12,7 @@ from PIL import Image
 from spar_pipeline import manifest
 from spar_pipeline.datasets import make_synthetic
 from spar_pipeline.run import Run
-from spar_pipeline.testing import make_sa1b_source
+from spar_pipeline.mini.sa1b_writer import make_sa1b_source
 
 from test_cli import cli  # tests/ is on sys.path (pytest's prepend import mode)
 

@@ -206,7 +206,7 @@ def test_errors_say_what_to_pass(tmp_path):
 def test_feature_mse_against_the_store(tmp_path, tiny):
     from spar_pipeline import augment, ingest
     from spar_pipeline.store import FeatureStore
-    from spar_pipeline.testing import make_sa1b_source
+    from spar_pipeline.mini.sa1b_writer import make_sa1b_source
     from spar_pipeline.windows import sliding_features
 
     run = Run(str(tmp_path / "run"))

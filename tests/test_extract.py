@@ -17,7 +17,7 @@ from spar_pipeline import augment, extract, ingest, manifest
 from spar_pipeline.backbones import build
 from spar_pipeline.run import Run
 from spar_pipeline.store import FeatureStore, StoreError
-from spar_pipeline.testing import make_sa1b_source
+from spar_pipeline.mini.sa1b_writer import make_sa1b_source
 from spar_pipeline.windows import sliding_features
 
 

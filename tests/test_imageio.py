@@ -10,7 +10,7 @@ import pytest
 from PIL import Image, ImageFile
 
 from spar_pipeline.imageio import ImageRejected, decode_image, image_size
-from spar_pipeline.testing import ACCEPTED_KINDS, REJECTED_KINDS, _image_bytes, synthetic_image
+from spar_pipeline.mini.sa1b_writer import ACCEPTED_KINDS, REJECTED_KINDS, _image_bytes, synthetic_image
 
 pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 LIMIT = 89478485

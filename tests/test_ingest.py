@@ -20,7 +20,7 @@ from spar_pipeline.imageio import decode_image
 from spar_pipeline.recipe import load_recipe
 from spar_pipeline.run import Run
 from spar_pipeline.sources import SourceError, read_member
-from spar_pipeline.testing import ACCEPTED_KINDS, REJECTED_KINDS, damage_tar, make_sa1b_source, make_sa1b_tar
+from spar_pipeline.mini.sa1b_writer import ACCEPTED_KINDS, REJECTED_KINDS, damage_tar, make_sa1b_source, make_sa1b_tar
 
 pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 SMALL = (48, 32)

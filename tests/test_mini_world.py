@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from spar_pipeline.scenes import (CLASS_LINES, COLOURS, SHAPES, class_index, make_scene, make_scene_benchmark,
-                                  make_scene_source, make_scene_tar)
+from spar_pipeline.mini.scenes import (CLASS_LINES, COLOURS, SHAPES, class_index, make_scene,
+                                       make_scene_benchmark, make_scene_source, make_scene_tar)
 
 ASSET = Path(__file__).resolve().parents[1] / "spar_pipeline" / "assets" / "mini-clip.safetensors"
 

@@ -20,7 +20,7 @@ from spar_pipeline.sources import (
     show_url,
     tar_name,
 )
-from spar_pipeline.testing import damage_tar, make_sa1b_tar
+from spar_pipeline.mini.sa1b_writer import damage_tar, make_sa1b_tar
 
 SMALL = (48, 32)
 

@@ -17,7 +17,7 @@ from spar_pipeline.backbones import build
 from spar_pipeline.checkpoint import Checkpointer, CheckpointError, decode_state, encode_state
 from spar_pipeline.resources import stages_dir
 from spar_pipeline.run import Run
-from spar_pipeline.testing import make_sa1b_source
+from spar_pipeline.mini.sa1b_writer import make_sa1b_source
 
 EPOCHS = 2
 EVERY = 5  # checkpoint interval in steps

@@ -20,7 +20,7 @@ from spar_pipeline import manifest
 from spar_pipeline.run import Run
 from spar_pipeline.status import stage_status
 from spar_pipeline.store import FeatureStore
-from spar_pipeline.testing import make_sa1b_source
+from spar_pipeline.mini.sa1b_writer import make_sa1b_source
 
 BIN = Path(sys.executable).parent
 HOST = socket.gethostname()

@@ -8,7 +8,7 @@ import pytest
 
 from spar_pipeline import augment, extract, ingest, train
 from spar_pipeline.run import Run
-from spar_pipeline.testing import make_sa1b_source
+from spar_pipeline.mini.sa1b_writer import make_sa1b_source
 
 from faults._support import N_TARS, PER_TAR, SIZE, copy_run, fault_recipe
 

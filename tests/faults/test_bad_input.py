@@ -20,7 +20,7 @@ from spar_pipeline.backbones import BackboneError, build
 from spar_pipeline.manifest import ManifestError
 from spar_pipeline.run import Run, RunError
 from spar_pipeline.store import FeatureStore, StoreError
-from spar_pipeline.testing import ACCEPTED_KINDS, REJECTED_KINDS, damage_tar, make_sa1b_tar, synthetic_image
+from spar_pipeline.mini.sa1b_writer import ACCEPTED_KINDS, REJECTED_KINDS, damage_tar, make_sa1b_tar, synthetic_image
 
 from faults._support import copy_run
 

@@ -13,7 +13,7 @@ of the time in one of the 80 ImageNet templates, so the text tower has seen the 
 
 Reproduce the shipped weights (about 20 minutes on 2 cores)::
 
-    nice -n 10 python -m spar_pipeline.pretrain_mini --out spar_pipeline/assets/mini-clip.safetensors --seed 0
+    nice -n 10 python -m spar_pipeline.mini.pretrain --out spar_pipeline/assets/mini-clip.safetensors --seed 0
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def _captions(seed: int, n: int, base: list[str], templates: list[str]) -> list[
 
 
 def _pool(seed: int, n: int, size: int) -> tuple[torch.Tensor, list[str]]:
-    from spar_pipeline.scenes import make_scene
+    from spar_pipeline.mini.scenes import make_scene
 
     images = np.empty((n, size, size, 3), np.uint8)
     caps = []
@@ -128,7 +128,7 @@ def main(out: str | Path = "mini-clip.safetensors", seed: int = 0, minutes: floa
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(out), metadata={"seed": str(seed), "steps": str(step), "batch": str(BATCH),
-                                         "pool": str(POOL), "command": "python -m spar_pipeline.pretrain_mini"})
+                                         "pool": str(POOL), "command": "python -m spar_pipeline.mini.pretrain"})
     report = dict(steps=step, loss=round(loss_avg, 4), seconds=round(time.perf_counter() - t0, 1),
                   capped=step < steps, out=str(out))
     log.info("pretrain-mini: %s", report)
@@ -136,7 +136,7 @@ def main(out: str | Path = "mini-clip.safetensors", seed: int = 0, minutes: floa
 
 
 def _cli() -> None:
-    p = argparse.ArgumentParser(prog="python -m spar_pipeline.pretrain_mini", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m spar_pipeline.mini.pretrain", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="mini-clip.safetensors", help="where the safetensors weights go")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--minutes", type=float, default=40.0, help="wall-time cap (a capped run is not the reference)")

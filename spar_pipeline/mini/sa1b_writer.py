@@ -1,4 +1,4 @@
-"""Generated SA-1B-layout tars for tests, the demo and benchmarks (no download anywhere).
+"""SA-1B-layout tars of generated images, for the demo, the tests and benchmarks (no download anywhere).
 
 Each image is ``sa_<id>.jpg`` plus an ``sa_<id>.json`` sidecar shaped like SA-1B's, in one
 uncompressed tar. ``bad`` injects per-image faults the ingest stage must survive, ``extras``
@@ -25,6 +25,8 @@ __all__ = [
     "BAD_KINDS",
     "REJECTED_KINDS",
     "ACCEPTED_KINDS",
+    "add_member",
+    "encode",
 ]
 
 # Faults that must end as a rejected row (value: a word the reason contains) ...
@@ -77,7 +79,8 @@ def synthetic_image(image_id: int, size: tuple[int, int], seed: int = 0) -> Imag
     return Image.fromarray(np.clip(np.asarray(im, np.int16) + grain, 0, 255).astype(np.uint8))
 
 
-def _encode(im: Image.Image, fmt: str = "JPEG", **kw) -> bytes:
+def encode(im: Image.Image, fmt: str = "JPEG", **kw) -> bytes:
+    """The image's file bytes in ``fmt`` (JPEG at quality 90 unless ``quality`` is given)."""
     buf = io.BytesIO()
     if fmt == "JPEG":
         kw.setdefault("quality", 90)
@@ -97,15 +100,15 @@ def _image_bytes(image_id: int, size: tuple[int, int], seed: int, kind: str | No
     """(member bytes, the size its sidecar states) for one image of the given fault kind."""
     im = synthetic_image(image_id, size, seed)
     if kind in (None, "sidecar_missing") or kind.startswith("sidecar_"):
-        return _encode(im), size
+        return encode(im), size
     if kind == "truncated":
-        data = _encode(im)
+        data = encode(im)
         return data[: len(data) // 2], size
     if kind == "header_only":
-        data = _encode(im)
+        data = encode(im)
         return data[: data.find(b"\xff\xda")], size
     if kind == "corrupt":
-        data = bytearray(_encode(im))
+        data = bytearray(encode(im))
         at = data.find(b"\xff\xc4")  # first Huffman table: overwrite it and what follows
         data[at + 4 : at + 400] = bytes(range(256)) + bytes(range(140))
         return bytes(data), size
@@ -118,36 +121,36 @@ def _image_bytes(image_id: int, size: tuple[int, int], seed: int, kind: str | No
     if kind == "empty":
         return b"", size
     if kind == "bomb":
-        return _with_sof_size(_encode(im), 60000, 60000), (60000, 60000)
+        return _with_sof_size(encode(im), 60000, 60000), (60000, 60000)
     if kind == "bomb_soft":
-        return _with_sof_size(_encode(im), 10000, 9000), (10000, 9000)
+        return _with_sof_size(encode(im), 10000, 9000), (10000, 9000)
     if kind == "tiny_1xN":
-        return _encode(im.resize((1, size[1]))), (1, size[1])
+        return encode(im.resize((1, size[1]))), (1, size[1])
     if kind == "tiny_Nx1":
-        return _encode(im.resize((size[0], 1))), (size[0], 1)
+        return encode(im.resize((size[0], 1))), (size[0], 1)
     if kind == "cmyk":
-        return _encode(im.convert("CMYK")), size
+        return encode(im.convert("CMYK")), size
     if kind == "gray":
-        return _encode(im.convert("L")), size
+        return encode(im.convert("L")), size
     if kind == "palette":
-        return _encode(im.convert("P", palette=Image.Palette.ADAPTIVE), "PNG"), size
+        return encode(im.convert("P", palette=Image.Palette.ADAPTIVE), "PNG"), size
     if kind == "palette_transparent":
-        return _encode(im.convert("P", palette=Image.Palette.ADAPTIVE), "PNG", transparency=0), size
+        return encode(im.convert("P", palette=Image.Palette.ADAPTIVE), "PNG", transparency=0), size
     if kind == "16bit":  # 16-bit grayscale PNG whose top byte is the 8-bit gray
         arr = np.asarray(im.convert("L"), dtype=np.uint16) * 257
-        return _encode(Image.fromarray(arr), "PNG"), size
+        return encode(Image.fromarray(arr), "PNG"), size
     if kind == "rgba":
-        return _encode(im.convert("RGBA"), "PNG"), size
+        return encode(im.convert("RGBA"), "PNG"), size
     if kind == "la":
-        return _encode(im.convert("LA"), "PNG"), size
+        return encode(im.convert("LA"), "PNG"), size
     if kind == "png_named_jpg":
-        return _encode(im, "PNG"), size
+        return encode(im, "PNG"), size
     if kind == "progressive":
-        return _encode(im, progressive=True), size
+        return encode(im, progressive=True), size
     if kind == "exif_rotated":  # orientation 6: raw pixels are kept, never transposed
         exif = Image.Exif()
         exif[0x0112] = 6
-        return _encode(im, exif=exif.tobytes()), size
+        return encode(im, exif=exif.tobytes()), size
     raise ValueError(f"unknown fault kind {kind!r}; known: {', '.join(BAD_KINDS)}")
 
 
@@ -179,7 +182,8 @@ def _sidecar(image_id: int, w: int, h: int, kind: str | None, rng: np.random.Gen
     return body
 
 
-def _add(tf: tarfile.TarFile, name: str, data: bytes, typ: bytes = tarfile.REGTYPE, linkname: str = "") -> None:
+def add_member(tf: tarfile.TarFile, name: str, data: bytes, typ: bytes = tarfile.REGTYPE, linkname: str = "") -> None:
+    """Append one member with mtime 0, so a tar is a pure function of its contents."""
     info = tarfile.TarInfo(name)
     info.type = typ
     info.linkname = linkname
@@ -212,21 +216,21 @@ def make_sa1b_tar(
         raise ValueError(f"unknown fault kind(s) {unknown}; known: {', '.join(BAD_KINDS)}")
     with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tf:
         if extras:
-            _add(tf, f"{prefix}subdir", b"", tarfile.DIRTYPE)
+            add_member(tf, f"{prefix}subdir", b"", tarfile.DIRTYPE)
         for i in ids:
             kind = bad.get(i)
             data, (w, h) = _image_bytes(i, size(i) if callable(size) else size, seed, kind)
-            _add(tf, f"{prefix}sa_{i}.jpg", data)
+            add_member(tf, f"{prefix}sa_{i}.jpg", data)
             body = _sidecar(i, w, h, kind, np.random.default_rng([seed, i, 1]))
             if body is not None:
-                _add(tf, f"{prefix}sa_{i}.json", body)
+                add_member(tf, f"{prefix}sa_{i}.json", body)
         if extras:
-            _add(tf, "../sa_999991.jpg", _encode(synthetic_image(999991, (32, 32))))
-            _add(tf, "/abs/sa_999992.jpg", _encode(synthetic_image(999992, (32, 32))))
-            _add(tf, f"{prefix}sa_999993.jpg", b"", tarfile.SYMTYPE, "/etc/passwd")
-            _add(tf, f"{prefix}sa_999994.jpg", b"", tarfile.LNKTYPE, f"{prefix}sa_{ids[0]}.jpg" if ids else "x")
-            _add(tf, f"{prefix}sa_999995.jpg", b"", tarfile.CHRTYPE)
-            _add(tf, f"{prefix}notes.txt", b"not part of SA-1B\n")
+            add_member(tf, "../sa_999991.jpg", encode(synthetic_image(999991, (32, 32))))
+            add_member(tf, "/abs/sa_999992.jpg", encode(synthetic_image(999992, (32, 32))))
+            add_member(tf, f"{prefix}sa_999993.jpg", b"", tarfile.SYMTYPE, "/etc/passwd")
+            add_member(tf, f"{prefix}sa_999994.jpg", b"", tarfile.LNKTYPE, f"{prefix}sa_{ids[0]}.jpg" if ids else "x")
+            add_member(tf, f"{prefix}sa_999995.jpg", b"", tarfile.CHRTYPE)
+            add_member(tf, f"{prefix}notes.txt", b"not part of SA-1B\n")
     return path
 
 

@@ -19,7 +19,6 @@ pixel scale the model was trained on (like Cityscapes at 2048×1024 against a 51
 
 from __future__ import annotations
 
-import io
 import json
 import tarfile
 from dataclasses import dataclass, field
@@ -193,20 +192,6 @@ def make_scene(seed: int, index: int, size: tuple[int, int] = (64, 64), n_object
 
 
 # ---- writers --------------------------------------------------------------------------
-def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime = len(data), 0
-    tf.addfile(info, io.BytesIO(data))
-
-
-def _encode(image: np.ndarray, fmt: str) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, fmt, **({"quality": 95} if fmt == "JPEG" else {}))
-    return buf.getvalue()
-
-
 def _source_size(seed: int, image_id: int) -> tuple[int, int]:
     """SA-1B-like (W, H): mostly landscape 3:2 or 4:3, some portrait, long side 256–384."""
     rng = np.random.default_rng([seed, image_id, 7])
@@ -219,6 +204,10 @@ def _source_size(seed: int, image_id: int) -> tuple[int, int]:
 def make_scene_tar(path: str | Path, ids: Sequence[int], seed: int = 0, size: tuple[int, int] | None = None) -> Path:
     """An SA-1B-layout tar of scenes: ``sa_<id>.jpg`` + ``sa_<id>.json`` (image record and each
     object as an annotation with its bbox and caption). ``size`` (W, H) or None: varied per id."""
+    from PIL import Image
+
+    from spar_pipeline.mini.sa1b_writer import add_member, encode
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tf:
@@ -226,18 +215,18 @@ def make_scene_tar(path: str | Path, ids: Sequence[int], seed: int = 0, size: tu
             w, h = size or _source_size(seed, i)
             k = w * h // 6000  # about the benchmark's density, objects at the training scale
             sc = make_scene(seed, i, (w, h), n_objects=(max(2, k - 4), k + 2))
-            _add(tf, f"sa_{i}.jpg", _encode(sc.image, "JPEG"))
+            add_member(tf, f"sa_{i}.jpg", encode(Image.fromarray(sc.image), "JPEG", quality=95))
             anns = [{"id": i * 100 + k, "bbox": [round(o.centre[0] - o.size / 2, 1), round(o.centre[1] - o.size / 2, 1),
                                                  o.size, o.size], "area": o.visible, "category": CLASS_LINES[o.label]}
                     for k, o in enumerate(sc.objects)]
             body = {"image": {"image_id": i, "width": w, "height": h, "file_name": f"sa_{i}.jpg",
                               "caption": sc.caption}, "annotations": anns}
-            _add(tf, f"sa_{i}.json", json.dumps(body).encode())
+            add_member(tf, f"sa_{i}.json", json.dumps(body).encode())
     return path
 
 
 def make_scene_source(folder: str | Path, n_tars: int = 3, per_tar: int = 12, seed: int = 0) -> list[str]:
-    """``sa_000000.tar``… of scenes with consecutive ids from 1 (like ``testing.make_sa1b_source``)."""
+    """``sa_000000.tar``… of scenes with consecutive ids from 1 (like ``sa1b_writer.make_sa1b_source``)."""
     folder = Path(folder)
     return [str(make_scene_tar(folder / f"sa_{t:06d}.tar", range(1 + t * per_tar, 1 + (t + 1) * per_tar), seed))
             for t in range(n_tars)]

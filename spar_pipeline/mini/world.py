@@ -8,7 +8,7 @@ several keep-ratio resolutions, and prints one Markdown table (also written to W
 and WORK/rows.json); seconds per image are the fastest of 5 passes on one benchmark image
 (its first: 384×192 before the resize), because a shared CPU makes one timed pass noisy. Everything resumes: a second call reuses the run and only re-evaluates.
 
-    nice -n 10 python -m spar_pipeline.mini_world --work runs/mini-world
+    nice -n 10 python -m spar_pipeline.mini.world --work runs/mini-world
 """
 
 from __future__ import annotations
@@ -83,8 +83,8 @@ def main(work: str | Path = "runs/mini-world", bench_images: int = 12, n_tars: i
          seed: int = 0, scales: Sequence[tuple[int, int]] = SCALES, strides: Sequence[int] = (8, 32)) -> str:
     """Build the world under ``work``, run the mini recipe, evaluate, return the Markdown table."""
     from spar_pipeline import augment, evaluate, extract, ingest, train
+    from spar_pipeline.mini.scenes import make_scene_benchmark, make_scene_source
     from spar_pipeline.run import Run
-    from spar_pipeline.scenes import make_scene_benchmark, make_scene_source
 
     work = Path(work)
     bench_root = work / "bench"
@@ -159,7 +159,7 @@ def retime(work: str | Path = "runs/mini-world") -> str:
 
 
 def _cli() -> None:
-    p = argparse.ArgumentParser(prog="python -m spar_pipeline.mini_world", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m spar_pipeline.mini.world", description=__doc__.splitlines()[0])
     p.add_argument("--work", default="runs/mini-world")
     p.add_argument("--bench-images", type=int, default=12)
     p.add_argument("--tars", type=int, default=4)
