@@ -112,6 +112,52 @@ def test_tiny_clip_dense_is_maskclip_on_open_clip_tokens():
         hook.remove()
 
 
+def _block0_dtype(b: Backbone, run) -> torch.dtype:
+    seen: list[torch.dtype] = []
+    hook = b.blocks()[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
+    try:
+        run()
+    finally:
+        hook.remove()
+    return seen[0]
+
+
+def test_siglip_stream_stays_float32_under_fp16_autocast():
+    """The reference adds the float32 position table to fp16 patch tokens: the stream is promoted to
+    float32 through every block. Checked against timm's own forward (that order) at the native grid."""
+    b = _get("tiny-siglip")
+    trunk, pool = b.trunk, b.trunk.attn_pool
+    fp16 = lambda: torch.autocast("cpu", dtype=torch.float16)  # noqa: E731
+
+    def reference(x):  # timm: patch embed, + float32 pos table, blocks, final norm; then the pool bypass
+        v = pool.proj(F.linear(trunk.forward_features(x), pool.kv.weight[b.dim:], pool.kv.bias[b.dim:]))
+        return (v + pool.mlp(pool.norm(v))).reshape(x.shape[0], x.shape[2] // 16, x.shape[3] // 16, -1)
+
+    with torch.no_grad():
+        for size in [(64, 64), (80, 112)]:  # native grid, and a resized table
+            x = torch.randn(1, 3, *size)
+            with fp16():
+                assert _block0_dtype(b, lambda: b.dense(x)) == torch.float32, size
+        x = torch.randn(2, 3, 64, 64)
+        exact = b.dense(x).float()
+        with fp16():
+            ours, ref = b.dense(x).float(), reference(x).float()
+            assert _block0_dtype(b, lambda: reference(x)) == torch.float32  # timm's order, for the record
+        torch.testing.assert_close(ours, ref, atol=0, rtol=0)  # the same order, so the same numbers
+        assert (ours - exact).abs().max() <= (ref - exact).abs().max()
+
+
+def test_maskclip_stream_dtype_under_fp16_autocast_is_open_clips():
+    """open_clip casts its position table to the token dtype (fp16 under autocast); the dense head too."""
+    b = _get("tiny-clip")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+        ours = _block0_dtype(b, lambda: b.dense(x))
+        theirs = _block0_dtype(b, lambda: b.model.visual(x))
+        resized = _block0_dtype(b, lambda: b.dense(torch.randn(1, 3, 80, 112)))
+    assert ours == theirs == resized == torch.float16
+
+
 def test_tiny_builds_are_deterministic_across_processes():
     digest = _get("tiny-siglip").weights_digest
     assert not any("RANDOM" in m for m in _WARNINGS["tiny-siglip"])  # random by design: no warning

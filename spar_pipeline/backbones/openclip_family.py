@@ -60,7 +60,9 @@ class SiglipBackbone(_OpenClipText, Backbone):
         n = int(math.isqrt(pos.shape[1]))
         grid = pos.reshape(1, n, n, -1).permute(0, 3, 1, 2)
         grid = F.interpolate(grid.float(), size=(gh, gw), mode="bicubic", align_corners=False, antialias=False)
-        tokens = tokens + grid.to(tokens.dtype).permute(0, 2, 3, 1).reshape(1, gh * gw, -1)
+        # The table keeps the parameter's dtype, as timm and the reference add it: under fp16 autocast the
+        # float32 table promotes the fp16 patch tokens, so the residual stream stays float32 in every block.
+        tokens = tokens + grid.to(pos.dtype).permute(0, 2, 3, 1).reshape(1, gh * gw, -1)
         tokens = t.norm_pre(t.patch_drop(t.pos_drop(tokens)))
         tokens = t.norm(t.blocks(tokens))
         # Attention-pool bypass: each token receives its own value (no latent query, no q/k).
