@@ -77,8 +77,9 @@ def draw(seed: int, image_id: int, src_h: int, src_w: int, cfg: AugmentConfig) -
     ch, cw = h, w
     if short < cfg.min_side:  # (a) upscale the short side to min_side, no crop
         mode = "upscale"
-        out_w = _snap(max(int(w * cfg.min_side / short), cfg.min_side), cfg.snap)
-        out_h = _snap(max(int(h * cfg.min_side / short), cfg.min_side), cfg.snap)
+        scale = cfg.min_side / short  # the scale first, as the reference: w·(512/short) ≠ w·512/short in float
+        out_w = _snap(max(int(w * scale), cfg.min_side), cfg.snap)
+        out_h = _snap(max(int(h * scale), cfg.min_side), cfg.snap)
     elif rng.random() > cfg.prob_crop:  # (b) full image, squashed to multiples of snap
         mode = "full"
         out_w, out_h = _snap(w, cfg.snap), _snap(h, cfg.snap)

@@ -46,6 +46,16 @@ def test_upscale_branch_by_hand():
                      crop_top=0, crop_left=0, crop_height=307, crop_width=409, flip=True, height=512, width=672)
 
 
+def test_upscale_branch_computes_the_scale_first():
+    # Found by brute force over r on a 2250×1500 source: r = 0.383 → target (784, 392); s = 392/1500;
+    # resized 588×392. The reference's int(588 · (512/392)) = int(767.9999999999999) = 767 → 752, while
+    # int(588 · 512 / 392) = int(768.0) = 768 would keep 768: the two orders differ by 16 px here.
+    assert int(588 * (512 / 392)) == 767 and int(588 * 512 / 392) == 768
+    d = draw(0, 7, 1500, 2250, _cfg(ratio_range=(0.383, 0.383)))
+    assert (d.mode, d.resized_width, d.resized_height) == ("upscale", 588, 392)
+    assert (d.width, d.height) == (752, 512)
+
+
 def test_full_branch_by_hand():
     # r = 0.7: target (int(1433.6), int(716.8)) = (1433, 716); s = min(1433/1333 = 1.075, 716/1000) = 0.716;
     # new size (int(954.43+0.5), int(716+0.5)) = (954, 716). Short 716 ≥ 512; prob_crop 0 → random() > 0 → full:
