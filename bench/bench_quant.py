@@ -142,7 +142,7 @@ def main(quick: bool = False) -> dict:
         runs, extract_s, reports = {}, {}, {}
         for dtype in ("float16", "int8"):
             runs[dtype], extract_s[dtype], reports[dtype] = _pipeline(tmp, tars, dtype, epochs)
-        stores = {d: FeatureStore.open(r.url_for("features.zarr")) for d, r in runs.items()}
+        stores = {d: FeatureStore.open(r.store_url) for d, r in runs.items()}
         ids = sorted(r["image_id"] for r in manifest.read_manifest(runs["float16"], "extract").to_pylist()
                      if r["status"] == "ok")
         maps = {i: stores["float16"].read(i) for i in ids}

@@ -74,7 +74,7 @@ def _siglip2_run(tmp: Path, n: int, workers: int):
     full = dict(src_height=512, src_width=768, resized_height=512, resized_width=768, mode="full", crop_top=0,
                 crop_left=0, crop_height=512, crop_width=768, flip=False, height=512, width=768)
     manifest.write_part(run, "augment", [dict(image_id=i, status="ok", reason="", **full) for i in ids])
-    store = FeatureStore.create(run.url_for("features.zarr"), {"digest": "bench-random"})
+    store = FeatureStore.create(run.store_url, {"digest": "bench-random"})
     rng = np.random.default_rng(0)
     rows = []
     for i in ids:
@@ -90,7 +90,7 @@ def _loader_rate(run) -> float:
     from spar_pipeline.train import PairDataset, plan
 
     items, _ = plan(run)
-    ds = PairDataset(items, run.url_for("features.zarr"), {}, run.recipe.ingest.max_pixels)
+    ds = PairDataset(items, run.store_url, {}, run.recipe.ingest.max_pixels)
     ds[0]
     t = time.perf_counter()
     for i in range(len(ds)):

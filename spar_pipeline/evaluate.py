@@ -171,7 +171,7 @@ def feature_mse(backbone, run: Run | str, image_ids: Sequence[int] | None = None
             raise EvaluateError(str(e)) from None
     if not image_ids:
         raise EvaluateError(f"{run}: no extracted images to compare with; run `spar-pipeline extract` first")
-    store = FeatureStore.open(run.url_for("features.zarr"), storage_options=run.storage_options)
+    store = FeatureStore.open(run.store_url, storage_options=run.storage_options)
     dev = torch.device(device) if device is not None else next(backbone.parameters()).device
     mean = torch.tensor(backbone.mean, device=dev).view(1, 3, 1, 1)
     std = torch.tensor(backbone.std, device=dev).view(1, 3, 1, 1)

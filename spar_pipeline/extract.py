@@ -33,7 +33,6 @@ from spar_pipeline.run import Run
 __all__ = ["ExtractSpec", "teacher_fingerprint", "extract_batch", "run", "plan"]
 
 log = logging.getLogger(__name__)
-STORE = "features.zarr"
 
 
 @dataclass(frozen=True)
@@ -156,9 +155,8 @@ def extract_batch(spec: ExtractSpec, items: list[dict]) -> dict:
     worker = _worker_id()
     backbone = _model(spec)
     device = _device()
-    store = FeatureStore.open(f"{spec.run_url}/{STORE}", storage_options=spec.storage_options,
-                              fingerprint=spec.fingerprint)
     run = Run(spec.run_url, spec.storage_options)
+    store = FeatureStore.open(run.store_url, storage_options=spec.storage_options, fingerprint=spec.fingerprint)
     fp = spec.fingerprint
     rows: list[dict] = []
     n_windows = 0
@@ -263,7 +261,7 @@ def run(run: Run, *, gpus: list[int] | None = None, workers: int | None = None, 
     fp = teacher_fingerprint(run, probe.weights_digest, probe.patch_size)
     del probe
     run.record_teacher(fp)
-    FeatureStore.create(run.url_for(STORE), fp, storage_options=run.storage_options,
+    FeatureStore.create(run.store_url, fp, storage_options=run.storage_options,
                         codec=recipe.extract.codec, level=recipe.extract.codec_level, dtype=recipe.extract.store_dtype)
     items = plan(run, limit)
     if not items:

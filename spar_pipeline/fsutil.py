@@ -9,7 +9,7 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-__all__ = ["filesystem", "is_local", "redact"]
+__all__ = ["filesystem", "storage_options_for", "is_local", "redact"]
 
 
 def _s3_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -30,13 +30,18 @@ def _s3_options(options: dict[str, Any]) -> dict[str, Any]:
     return opts
 
 
-def filesystem(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """(filesystem, path inside it) for a local path or any fsspec URL."""
+def storage_options_for(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The fsspec storage options to open ``url`` with: the given ones, plus for ``s3://`` the
+    endpoint from AWS_ENDPOINT_URL(_S3), uncached listings and botocore's adaptive retries.
+    Components that open their own filesystem from a URL (the zarr store) use this too."""
     options = dict(storage_options or {})
     protocol = url.split("://", 1)[0] if "://" in url else "file"
-    if protocol in ("s3", "s3a"):
-        options = _s3_options(options)
-    fs, path = fsspec.core.url_to_fs(url, **options)
+    return _s3_options(options) if protocol in ("s3", "s3a") else options
+
+
+def filesystem(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path inside it) for a local path or any fsspec URL."""
+    fs, path = fsspec.core.url_to_fs(url, **storage_options_for(url, storage_options))
     return fs, path
 
 

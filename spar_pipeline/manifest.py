@@ -16,7 +16,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -238,7 +238,3 @@ def record_invocation(run: Run, stage: str, started: float, done: int, rejected:
         stage=stage, started=iso(started), finished=iso(now), done=int(done), rejected=int(rejected), seconds=seconds,
         items_per_second=(done + rejected) / seconds, windows_per_second=windows / seconds,
         workers=json.dumps(workers or {}))])
-
-
-def rows(table: pa.Table) -> Iterable[dict[str, Any]]:
-    return table.to_pylist()

@@ -127,11 +127,3 @@ def run_all(
     reports["timings"] = timings
     reports["summary"] = write_summary(run, reports)
     return reports
-
-
-def stage_counts(run: Run) -> dict[str, dict[str, int]]:
-    out = {}
-    for stage in ("ingest", "augment", "extract"):
-        t = manifest.read_manifest(run, stage).to_pylist()
-        out[stage] = {s: sum(r["status"] == s for r in t) for s in ("ok", "rejected")}
-    return out

@@ -16,7 +16,7 @@ def store_bytes(run: Run, rows: list[dict]) -> tuple[int, int, str]:
 
     if not rows:
         return 0, 0, ""
-    store = FeatureStore.open(run.url_for("features.zarr"), storage_options=run.storage_options)
+    store = FeatureStore.open(run.store_url, storage_options=run.storage_options)
     stored = sum(store.nbytes_stored(r["image_id"]) for r in rows)
     raw = sum(r["grid_h"] * r["grid_w"] * r["dim"] * 2 for r in rows)
     return stored, raw, f"{store.dtype}, codec {store.codec}"

@@ -20,9 +20,10 @@ from spar_pipeline.errors import RunError
 from spar_pipeline.fsutil import filesystem, is_local, redact
 from spar_pipeline.recipe import Recipe, load_recipe, recipe_diff, recipe_from_dict, recipe_to_dict
 
-__all__ = ["Run", "RunError"]
+__all__ = ["Run", "RunError", "STORE"]
 
 RUN_FILE = "run.toml"
+STORE = "features.zarr"  # the teacher feature store, inside the run folder
 
 
 class Run:
@@ -49,6 +50,11 @@ class Run:
     def url_for(self, *parts: str) -> str:
         """Full URL of a member, for components that open their own filesystem (the store)."""
         return "/".join([self.url, *parts])
+
+    @property
+    def store_url(self) -> str:
+        """URL of the run's teacher feature store (``RUN/features.zarr``)."""
+        return self.url_for(STORE)
 
     # ---- small I/O helpers shared by stages -------------------------------------------
     def exists(self, *parts: str) -> bool:

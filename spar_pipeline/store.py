@@ -38,7 +38,7 @@ from zarr.core.sync import sync
 from zarr.errors import ContainsArrayAndGroupError, ContainsArrayError, ContainsGroupError, NodeNotFoundError
 
 from spar_pipeline.errors import MapMissing, StoreError, StoreNotFound, first_line
-from spar_pipeline.fsutil import _s3_options, redact
+from spar_pipeline.fsutil import redact, storage_options_for
 
 __all__ = ["CODECS", "MAP_DTYPES", "FeatureStore", "MapMissing", "StoreError", "StoreNotFound", "dequantize_int8",
            "map_checksum", "quantize_int8"]
@@ -127,9 +127,8 @@ def _compressors(codec: str, level: int) -> list:
 def _zarr_store(url: str, storage_options: dict[str, Any] | None, read_only: bool):
     if "://" not in url or url.startswith("file://"):
         return zarr.storage.LocalStore(url.removeprefix("file://"), read_only=read_only)
-    opts = dict(storage_options or {})
+    opts = storage_options_for(url, storage_options)
     if url.split("://", 1)[0] in ("s3", "s3a"):
-        opts = _s3_options(opts)
         opts.pop("use_listings_cache", None)
     return zarr.storage.FsspecStore.from_url(url, storage_options=opts, read_only=read_only)
 

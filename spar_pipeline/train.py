@@ -45,7 +45,6 @@ __all__ = ["run", "TrainError", "TrainSpec", "plan", "split_holdout", "epoch_ord
 
 log = logging.getLogger(__name__)
 
-STORE = "features.zarr"
 BEST = "best.safetensors"
 BEST_OPEN_CLIP = "best_open_clip.safetensors"
 LOG_EVERY = 10  # steps between progress updates (each one syncs the device once)
@@ -232,7 +231,7 @@ class Trainer:
         self.shares: dict[int, list[int]] = {}
 
     def _loader(self, items: list[Item]):
-        dataset = PairDataset(items, self.run.url_for(STORE), self.spec.storage_options, self.spec.max_pixels)
+        dataset = PairDataset(items, self.run.store_url, self.spec.storage_options, self.spec.max_pixels)
         sampler = _Indices()
         workers = self.spec.loader_workers
         loader = torch.utils.data.DataLoader(

@@ -71,7 +71,7 @@ def verify(run: Run, repair: bool = False, threads: int = 8) -> dict[str, Any]:
         from spar_pipeline.store import FeatureStore
 
         try:
-            store = FeatureStore.open(run.url_for("features.zarr"), storage_options=run.storage_options)
+            store = FeatureStore.open(run.store_url, storage_options=run.storage_options)
             with ThreadPoolExecutor(threads) as pool:
                 problems = list(pool.map(
                     lambda r: store.verify(r["image_id"], (r["grid_h"], r["grid_w"], r["dim"]), r["checksum"]), extract))

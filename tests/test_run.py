@@ -1,4 +1,5 @@
-"""The run folder: recipe frozen once, a different recipe refused naming the keys."""
+"""The run folder: recipe frozen once, a different recipe refused naming the keys; it names where its
+store lives, and URLs open with the storage options of ``fsutil.storage_options_for``."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import tomllib
 
 import pytest
 
+from spar_pipeline.fsutil import storage_options_for
 from spar_pipeline.recipe import load_recipe
 from spar_pipeline.resources import stages_dir
 from spar_pipeline.run import Run, RunError
@@ -49,3 +51,25 @@ def test_s3_run_folder(s3_bucket):
     assert Run(f"{s3_bucket}/runs/one").recipe.name == "tiny-cpu"
     r.write_bytes_atomic(b"hello", "reports", "x.txt")
     assert r.read_bytes("reports", "x.txt") == b"hello"
+
+
+def test_store_url_is_inside_the_run(tmp_path, s3_bucket):
+    from spar_pipeline.store import FeatureStore
+
+    assert Run(str(tmp_path / "r")).store_url == str(tmp_path / "r" / "features.zarr")
+    r = Run(f"{s3_bucket}/runs/two")
+    FeatureStore.create(r.store_url, {"teacher": "t"}, storage_options=r.storage_options)
+    assert r.exists("features.zarr", "zarr.json")  # the store opened with the run's S3 options, in the run
+    assert FeatureStore.open(r.store_url, fingerprint={"teacher": "t"}).ids() == []
+
+
+def test_storage_options_for_s3_and_local(monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://s3.example:9000")
+    given = {"anon": False}
+    s3 = storage_options_for("s3://b/run", given)
+    assert s3["client_kwargs"] == {"endpoint_url": "http://s3.example:9000"} and s3["anon"] is False
+    assert s3["use_listings_cache"] is False and s3["config_kwargs"]["retries"]["mode"] == "adaptive"
+    assert given == {"anon": False}  # the caller's dict is left as it was
+    own = storage_options_for("s3://b/run", {"client_kwargs": {"endpoint_url": "http://mine:1"}})
+    assert own["client_kwargs"] == {"endpoint_url": "http://mine:1"}  # an explicit endpoint wins over the variable
+    assert storage_options_for("/tmp/run", given) == given
