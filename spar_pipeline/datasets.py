@@ -109,14 +109,17 @@ def resize_scale(name: str, cfg) -> tuple[int, int]:
 
 
 def load_image(path: str | os.PathLike) -> np.ndarray:
-    """uint8 RGB [H, W, 3], decoded by cv2 as mmcv's LoadImageFromFile does (then BGR → RGB)."""
+    """uint8 RGB [H, W, 3], decoded by cv2 as mmcv's LoadImageFromFile does (then BGR → RGB); the EXIF
+    orientation through ``imageio.orient``, the one transform the ingest/augment decode applies too."""
     import cv2
 
+    from spar_pipeline.imageio import orient, orientation
+
     data = np.fromfile(str(path), dtype=np.uint8)
-    bgr = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    bgr = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION) if data.size else None
     if bgr is None:
         raise DatasetError(f"{path}: not a readable image")
-    return np.ascontiguousarray(bgr[..., ::-1])
+    return np.ascontiguousarray(orient(bgr[..., ::-1], orientation(data.tobytes())))
 
 
 def load_label(path: str | os.PathLike, reduce_zero_label: bool) -> np.ndarray:

@@ -1,8 +1,10 @@
 """The one image decode every stage uses: bytes in, 8-bit RGB out, or a clear rejection.
 
-Raw pixels, as the reference loads SA-1B: no EXIF transpose. Only still-image formats a
-tar of photos can sensibly hold are opened (never EPS/PostScript, which would run
-Ghostscript). The pixel limit is checked from the header, before a byte is decompressed.
+Pixels as displayed: the EXIF orientation is applied, as the reference's OpenCV decode
+(``IMREAD_COLOR``) applies it, and :func:`orient` is the one transform every decode path uses
+(the benchmarks' OpenCV decode too). Only still-image formats a tar of photos can sensibly hold
+are opened (never EPS/PostScript, which would run Ghostscript). The pixel limit is checked from
+the header, before a byte is decompressed.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from PIL import Image, ImageFile
 
 from spar_pipeline.errors import ImageRejected, first_line
 
-__all__ = ["ImageRejected", "decode_image", "image_size", "FORMATS"]
+__all__ = ["ImageRejected", "decode_image", "image_size", "orient", "orientation", "FORMATS"]
 
 # Formats we open; anything else is "not an image" (JPEG covers multi-picture MPO files too).
 FORMATS = ("JPEG", "PNG", "TIFF", "WEBP", "BMP", "GIF")
@@ -40,10 +42,48 @@ def _open(data: bytes) -> Image.Image:
         raise ImageRejected(f"{what} image header ({msg})") from None
 
 
+_ORIENTATION_TAG = 0x0112
+
+
+def _orientation(im: Image.Image) -> int:
+    """The EXIF orientation (1–8) still to apply to an opened image's pixels; 1 when absent or
+    invalid, and for TIFF, whose readers (PIL's and OpenCV's) apply it themselves."""
+    if im.format == "TIFF":
+        return 1
+    try:
+        value = im.getexif().get(_ORIENTATION_TAG, 1)
+    except Exception:  # a damaged EXIF block: OpenCV ignores it too
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def orientation(data: bytes) -> int:
+    """The EXIF orientation :func:`orient` applies to these bytes' raw pixels (header only; 1 if none)."""
+    try:
+        with Image.open(io.BytesIO(data), formats=FORMATS) as im:
+            return _orientation(im)
+    except Exception:  # not an image PIL opens: the caller's decoder gives the error
+        return 1
+
+
+def orient(pixels: np.ndarray, orientation: int) -> np.ndarray:
+    """[H, W, ...] raw pixels turned as displayed: EXIF orientation 1–8, the transforms OpenCV's
+    IMREAD_COLOR applies (2 mirror, 3 turn 180°, 4 flip, 5 transpose, 6 turn 90° clockwise,
+    7 transverse, 8 turn 90° anticlockwise). A view; 1 (or anything else) returns the input."""
+    if orientation in (5, 6, 7, 8):
+        pixels = pixels.swapaxes(0, 1)
+    if orientation in (2, 3, 6, 7):
+        pixels = pixels[:, ::-1]
+    if orientation in (3, 4, 7, 8):
+        pixels = pixels[::-1]
+    return pixels
+
+
 def image_size(data: bytes) -> tuple[int, int]:
-    """(width, height) from the header only; nothing is decompressed."""
+    """(width, height) as displayed (EXIF orientation applied), from the header only."""
     with _open(data) as im:
-        return im.size
+        w, h = im.size
+        return (h, w) if _orientation(im) >= 5 else (w, h)
 
 
 def _gray_to_rgb(gray: np.ndarray) -> np.ndarray:
@@ -73,7 +113,7 @@ def _to_rgb(im: Image.Image) -> np.ndarray:
 
 
 def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
-    """uint8 [H, W, 3] RGB of the raw pixels, or ``ImageRejected`` with the reason."""
+    """uint8 [H, W, 3] RGB as displayed (EXIF orientation applied), or ``ImageRejected`` with the reason."""
     ImageFile.LOAD_TRUNCATED_IMAGES = False  # a short file must fail, never decode as grey
     im = _open(data)
     with im:
@@ -93,6 +133,10 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
             rgb = _to_rgb(im)
         except Exception as e:
             raise ImageRejected(f"unsupported pixel mode {im.mode} ({first_line(e)})") from None
+        turn = _orientation(im)
+    rgb = orient(rgb, turn)
+    if turn >= 5:
+        w, h = h, w
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.shape[:2] != (h, w):
         raise ImageRejected(f"unsupported pixel layout {im.mode} {rgb.shape}")
     return np.ascontiguousarray(rgb)

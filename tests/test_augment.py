@@ -359,3 +359,25 @@ def test_impossible_sizes_are_rejected_with_a_reason(ingested, tmp_path):
     assert augment.run(run)["done"] == 0  # rejected rows are final
     with pytest.raises(KeyError):
         augmented_image(run, 101)
+
+
+def test_exif_orientation_6_is_turned_in_ingest_and_augment(tmp_path):
+    """As the reference's OpenCV decode: a 240×160 JPEG tagged orientation 6 is a 160×240 image."""
+    from spar_pipeline import ingest
+    from spar_pipeline.mini.sa1b_writer import make_sa1b_tar
+
+    tar = make_sa1b_tar(tmp_path / "sa_000000.tar", [1, 2], size=(240, 160), seed=5, bad={2: "exif_rotated"})
+    with tarfile.open(tar) as tf:
+        data = tf.extractfile("sa_2.jpg").read()
+    assert Image.open(io.BytesIO(data)).getexif()[0x0112] == 6  # PIL itself leaves the pixels as stored
+    run = Run(str(tmp_path / "run"))
+    run.resolve_recipe("tiny-cpu")
+    ingest.run(run, [str(tar)])
+    augment.run(run)
+    ing = {r["image_id"]: r for r in manifest.read_manifest(run, "ingest").to_pylist()}
+    rows = {r["image_id"]: r for r in _rows(run)}
+    assert (ing[1]["width"], ing[1]["height"]) == (240, 160) and (ing[2]["width"], ing[2]["height"]) == (160, 240)
+    assert (rows[2]["src_width"], rows[2]["src_height"]) == (160, 240) and rows[2]["status"] == "ok"
+    turned = np.ascontiguousarray(np.rot90(_member_pixels(tar, 2), -1))  # 90° clockwise
+    d = Draw(**{k: rows[2][k] for k in Draw.__dataclass_fields__})
+    assert torch.equal(augmented_image(run, 2), apply(turned, d))

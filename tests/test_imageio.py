@@ -48,6 +48,8 @@ def test_bad_image_is_rejected_with_reason(kind):
 @pytest.mark.parametrize("kind", [k for k in ACCEPTED_KINDS if not k.startswith("sidecar_")])
 def test_odd_image_is_accepted_as_rgb(kind):
     out = decode_image(_bytes(kind), LIMIT)
+    if kind == "exif_rotated":  # orientation 6 is decoded turned 90° clockwise: turn it back to compare
+        out = np.rot90(out, 1)
     assert out.dtype == np.uint8 and out.shape == (48, 64, 3)
     ref = np.asarray(synthetic_image(7, SIZE).convert("L" if kind in ("gray", "16bit", "la") else "RGB"), np.float32)
     got = out[..., 0].astype(np.float32) if ref.ndim == 2 else out.astype(np.float32)
@@ -80,10 +82,44 @@ def test_palette_with_transparency_keeps_palette_colours():
     np.testing.assert_array_equal(out, np.asarray(im.convert("RGBA").convert("RGB")))
 
 
-def test_exif_orientation_is_not_applied():
+def test_exif_orientation_is_applied():
     data = _bytes("exif_rotated")
     assert Image.open(io.BytesIO(data)).getexif()[0x0112] == 6
-    assert decode_image(data, LIMIT).shape == (48, 64, 3)  # raw 64×48, not turned to 48×64
+    raw = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))  # PIL leaves JPEG pixels as stored
+    assert raw.shape == (48, 64, 3)
+    np.testing.assert_array_equal(decode_image(data, LIMIT), np.rot90(raw, -1))  # 90° clockwise: 48 wide, 64 high
+    assert image_size(data) == (48, 64)
+
+
+def _with_orientation(fmt: str, value: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = value
+    buf = io.BytesIO()
+    synthetic_image(4, (40, 24)).save(buf, fmt, exif=exif.tobytes(), **({"lossless": True} if fmt == "WEBP" else {}))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "TIFF"])
+def test_every_orientation_as_opencv_and_the_benchmark_decode(tmp_path, fmt):
+    """The reference decodes with OpenCV's IMREAD_COLOR, which applies EXIF orientation. Both decode paths
+    (this one, and the benchmarks' cv2 decode in datasets.load_image) turn the pixels through imageio.orient."""
+    import cv2
+
+    from spar_pipeline.datasets import load_image
+
+    for value in range(1, 9):
+        data = _with_orientation(fmt, value)
+        want = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)[..., ::-1]  # OpenCV's own turn
+        path = tmp_path / f"{value}.img"
+        path.write_bytes(data)
+        np.testing.assert_array_equal(load_image(path), want, err_msg=f"{fmt} {value}")
+        got = decode_image(data, LIMIT)
+        assert got.shape == want.shape == ((40, 24, 3) if value >= 5 else (24, 40, 3)), (fmt, value)
+        assert image_size(data) == (got.shape[1], got.shape[0])
+        if fmt == "JPEG":  # PIL's and OpenCV's JPEG decoders may differ by a grey level; the turn may not
+            assert np.abs(got.astype(int) - want).mean() < 2, value
+        else:
+            np.testing.assert_array_equal(got, want, err_msg=f"{fmt} {value}")
 
 
 def test_bomb_is_refused_from_the_header(monkeypatch):

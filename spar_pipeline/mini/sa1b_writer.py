@@ -147,7 +147,7 @@ def _image_bytes(image_id: int, size: tuple[int, int], seed: int, kind: str | No
         return encode(im, "PNG"), size
     if kind == "progressive":
         return encode(im, progressive=True), size
-    if kind == "exif_rotated":  # orientation 6: raw pixels are kept, never transposed
+    if kind == "exif_rotated":  # orientation 6: decoded turned 90° clockwise; the sidecar keeps the stored size
         exif = Image.Exif()
         exif[0x0112] = 6
         return encode(im, exif=exif.tobytes()), size
