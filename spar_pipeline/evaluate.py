@@ -21,7 +21,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -29,7 +29,7 @@ import torch
 from spar_pipeline.errors import EvaluateError
 from spar_pipeline.run import Run
 
-__all__ = ["run", "timing", "feature_mse", "write_table", "table_rows", "resolve_checkpoint", "EvaluateError"]
+__all__ = ["run", "timing", "feature_mse", "heldout_mse", "write_table", "table_rows", "resolve_checkpoint", "EvaluateError"]
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +155,16 @@ def timing(backbone, image: np.ndarray, mode: str = "single", stride: int | None
 
 
 @torch.no_grad()
+def heldout_mse(run: Run, checkpoints: Sequence[str], backbone: str | None = None) -> Iterator[tuple[str, float]]:
+    """``evaluate --run RUN`` without datasets: (checkpoint, held-out teacher MSE) for each of
+    ``checkpoints`` (pretrained, best or a weights file), one at a time."""
+    from spar_pipeline.tools import load_models
+
+    for ck in checkpoints:
+        _, model = load_models(backbone, ck, run, need_pretrained=False)
+        yield ck, feature_mse(model, run)
+
+
 def feature_mse(backbone, run: Run | str, image_ids: Sequence[int] | None = None, device=None) -> float:
     """Held-out teacher MSE: mean over ``image_ids`` (default: the held-out slice that ``train`` never
     trains on and validates with) of the MSE between ``backbone``'s single-pass dense map of the

@@ -92,11 +92,14 @@ class Run:
         data.pop("teacher", None)
         return recipe_from_dict(data, source=f"{redact(self.url)}/{RUN_FILE}")
 
-    def resolve_recipe(self, recipe: Recipe | str | None = None) -> Recipe:
-        """The run's recipe: freeze the given one on first use, refuse a different one later."""
+    def resolve_recipe(self, recipe: Recipe | str | None = None, default: str | None = None) -> Recipe:
+        """The run's recipe: freeze the given one on first use (``default``, a preset, when none is given
+        and none is frozen yet), refuse a different one later."""
+        frozen = self.frozen_recipe()
+        if recipe is None and frozen is None:
+            recipe = default
         if isinstance(recipe, str):
             recipe = load_recipe(recipe)
-        frozen = self.frozen_recipe()
         if frozen is None:
             if recipe is None:
                 raise RunError(

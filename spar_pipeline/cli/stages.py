@@ -1,0 +1,248 @@
+"""The stage commands: ingest, augment, extract, train, evaluate, run (all of them), verify, status.
+
+Each loads the run and calls its stage; every stage reads the previous stage's manifest, does only
+what is not done yet and can be rerun after any failure to finish the rest.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+
+from spar_pipeline.cli.common import (Count, Mode, RecipeOpt, RunOpt, StorageOpt, app, console, datasets, gpu_ids, names, one_of,
+                                      open_run, reporting)
+from spar_pipeline.errors import OptionError
+
+TarsOpt = typer.Option(None, help="With --links: comma-separated tar names, e.g. sa_000000,sa_000001.")
+MaxIdOpt = typer.Option(None, min=0, help="Keep sa_<id> with id ≤ N (recipe default; paper: 25000).")
+EpochsOpt = Count(None, help="Override the recipe's epochs.")
+
+
+def _links(links: Optional[str], tars: Optional[str]) -> Optional[list[str]]:
+    if tars is not None and not links:
+        raise OptionError("--tars names tars of an official links file: give --links FILE too")
+    return names("--tars", tars, "sa_000000,sa_000001")
+
+
+@app.command()
+def ingest(
+    sources: List[str] = typer.Argument(None, help="SA-1B tars: paths, globs, folders, fsspec URLs."),
+    run: str = RunOpt,
+    recipe: Optional[str] = RecipeOpt,
+    max_id: Optional[int] = MaxIdOpt,
+    limit: Optional[int] = Count(None, help="Stop after about N new images."),
+    links: Optional[str] = typer.Option(None, help="Official SA-1B links file (file_name<TAB>url)."),
+    tars: Optional[str] = TarsOpt,
+    storage_options: Optional[str] = StorageOpt,
+) -> None:
+    """Index SA-1B tars in place and validate every image.
+
+    Reads: the tars (never extracted). Writes: RUN/manifests/ingest/ (one row per image: tar, byte
+    offset, size, checksum, status). Resume: tars already in the manifest are skipped.
+    """
+    with reporting():
+        from spar_pipeline import ingest as stage
+
+        tar_names = _links(links, tars)
+        if not sources and not links:
+            raise OptionError("give SA-1B tars (paths, globs, folders, URLs) or --links FILE --tars NAMES")
+        r = open_run(run, recipe, storage_options)
+        report = stage.run(r, list(sources or []), links=links, tars=tar_names, max_id=max_id, limit=limit,
+                           storage_options=r.storage_options)
+        console.print(f"ingest: {report}")
+
+
+@app.command()
+def augment(
+    run: str = RunOpt,
+    recipe: Optional[str] = RecipeOpt,
+    limit: Optional[int] = Count(None, help="Draw at most N new images."),
+    storage_options: Optional[str] = StorageOpt,
+) -> None:
+    """Draw each image's augmentation once (a pure function of seed and image id).
+
+    Reads: the ingest manifest. Writes: RUN/manifests/augment/ (resize, crop box, flip, final size).
+    Resume: images already drawn are skipped.
+    """
+    with reporting():
+        from spar_pipeline import augment as stage
+
+        r = open_run(run, recipe, storage_options)
+        console.print(f"augment: {stage.run(r, limit=limit)}")
+
+
+@app.command()
+def extract(
+    run: str = RunOpt,
+    recipe: Optional[str] = RecipeOpt,
+    gpus: Optional[str] = typer.Option(None, help="Comma-separated GPU ids: one worker process per GPU "
+                                       "(default: every GPU of this machine)."),
+    workers: Optional[int] = Count(None, help="CPU worker processes instead (default on a machine "
+                                          "without GPUs: 1)."),
+    scheduler: Optional[str] = typer.Option(None, help="Use an existing Dask scheduler, e.g. tcp://host:8786."),
+    window_batch: Optional[int] = Count(None, help="Windows per forward (recipe default)."),
+    limit: Optional[int] = Count(None, help="Extract at most N new images."),
+    storage_options: Optional[str] = StorageOpt,
+) -> None:
+    """Run the sliding-window teacher and store one float16 map per image.
+
+    Reads: augment manifest + tars. Writes: RUN/features.zarr and RUN/manifests/extract/ (a row only
+    after its map is fully written). Resume: images with a row are skipped; a dead worker costs one batch.
+    """
+    with reporting():
+        from spar_pipeline import extract as stage
+
+        one_of(gpus=gpus, workers=workers, scheduler=scheduler)
+        ids = gpu_ids(gpus)
+        r = open_run(run, recipe, storage_options)
+        report = stage.run(r, gpus=ids, workers=workers, scheduler=scheduler, window_batch=window_batch, limit=limit)
+        console.print(f"extract: {report}")
+
+
+@app.command()
+def train(
+    run: str = RunOpt,
+    recipe: Optional[str] = RecipeOpt,
+    gpus: Optional[str] = typer.Option(None, help="Comma-separated GPU ids: one DDP process per GPU (NCCL; "
+                                       "default: every GPU of this machine)."),
+    processes: Optional[int] = Count(None, help="CPU data-parallel processes instead (gloo; default 1 "
+                                            "on a machine without GPUs)."),
+    epochs: Optional[int] = EpochsOpt,
+    trainable: Optional[str] = typer.Option(None, help="Parameters to train, e.g. blk_-1,blk_-2 (recipe default)."),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from the newest intact checkpoint "
+                                "(default), or clear the run's checkpoints and train manifest first."),
+    storage_options: Optional[str] = StorageOpt,
+) -> None:
+    """Distil the student: single pass on each augmented image, MSE against its stored teacher map.
+
+    Reads: augment + extract manifests, the tars, RUN/features.zarr. Writes: RUN/checkpoints/ (step and
+    epoch checkpoints, best.safetensors, best_open_clip.safetensors) and RUN/manifests/train/ (a row per
+    epoch with val_mse). Resume: rerun (or --resume) continues from the newest intact checkpoint.
+    """
+    with reporting():
+        from spar_pipeline import train as stage
+
+        one_of(gpus=gpus, processes=processes)
+        ids = gpu_ids(gpus)
+        if trainable is not None and not trainable.strip():
+            raise OptionError("--trainable '': expected parameters to train, e.g. --trainable blk_-1,blk_-2")
+        r = open_run(run, recipe, storage_options)
+        rep = stage.run(r, gpus=ids, epochs=epochs, trainable=trainable, resume=resume, processes=processes)
+        best = rep.get("best_val_mse")
+        typer.echo(f"train: step {rep['step']} ({rep['steps_this_run']} this run) on {rep['train_images']} images, "
+                   f"{rep['world']} process(es); held-out MSE best {best if best is None else f'{best:.4g}'} "
+                   f"vs pretrained {rep['baseline_val_mse']:.4g}; data wait {rep['data_wait_share']:.1%}; "
+                   f"best student: {r.url_for('checkpoints', 'best.safetensors')}")
+
+
+@app.command()
+def evaluate(
+    dataset: List[str] = typer.Option([], "--dataset", help="NAME=PATH, repeatable; NAME in voc21, voc20, context60, "
+                                      "context59, ade20k, cityscapes; PATH the dataset root in the mmseg layout. "
+                                      "None: the held-out teacher MSE of each checkpoint (needs --run)."),
+    run: Optional[str] = typer.Option(None, "--run", help="Run folder (its recipe, best checkpoint and reports)."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="Preset or TOML path when there is no --run."),
+    checkpoint: List[str] = typer.Option(["pretrained"], "--checkpoint", help="pretrained, best or a weights file; "
+                                         "repeatable to compare several models in one call."),
+    mode: List[Mode] = typer.Option([Mode.single], "--mode", help="single and/or sliding (repeatable)."),
+    stride: List[int] = Count([], "--stride", help="Sliding stride(s), repeatable (recipe default)."),
+    backbone: Optional[str] = typer.Option(None, help="Backbone name overriding the recipe's."),
+    limit: Optional[int] = Count(None, help="First N images of each dataset."),
+    redo: bool = typer.Option(False, "--redo", help="Evaluate again rows already in the manifest."),
+    storage_options: Optional[str] = StorageOpt,
+) -> None:
+    """Open-vocabulary mIoU on the benchmarks, single pass and/or sliding window, with seconds per image.
+
+    Reads: the datasets, the checkpoint(s). Writes (with --run): RUN/manifests/evaluate/ (a row per model,
+    mode, stride, dataset) and RUN/reports/table.md + table.csv. Resume: rows already there are skipped.
+    """
+    with reporting():
+        from spar_pipeline import evaluate as stage
+
+        benchmarks, modes = datasets(dataset), [m.value for m in mode]
+        if not benchmarks and run is None:
+            raise OptionError("give --dataset NAME=PATH, or --run RUN for the held-out teacher MSE of each checkpoint")
+        if stride and "sliding" not in modes:
+            raise OptionError(f"--stride {stride[0]} applies to --mode sliding only; add --mode sliding")
+        r = open_run(run, recipe, storage_options) if run else None
+        if not benchmarks:
+            for ck, mse in stage.heldout_mse(r, checkpoint, backbone=backbone):
+                typer.echo(f"{ck:>12} held-out teacher MSE {mse:.6g}")
+            return
+        rows = stage.run(r, benchmarks, checkpoints=checkpoint, modes=modes, strides=stride or None, limit=limit,
+                         backbone=backbone, recipe=None if r is not None else recipe, redo=redo)
+        for row in rows:
+            s = f" s={row['stride']}" if row["stride"] else ""
+            typer.echo(f"{row['model']:>12} {row['mode']}{s:<6} {row['dataset']:<11} mIoU {row['miou']:6.2f}  "
+                       f"{row['predict_seconds']:.4f} s/image end to end, forward {row['forward_seconds']:.4f} s "
+                       f"@{row['forward_height']}×{row['forward_width']}  ({row['images']} images)")
+        if r is not None:
+            typer.echo(f"table: {r.url_for('reports', 'table.md')}")
+
+
+@app.command("run")
+def run_cmd(
+    sources: List[str] = typer.Argument(None, help="SA-1B tars; none with a tiny recipe generates a small source."),
+    run: str = RunOpt,
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="Preset or TOML path (default tiny-cpu for a new run)."),
+    gpus: Optional[str] = typer.Option(None, help="Comma-separated GPU ids for extract and train."),
+    workers: Optional[int] = Count(None, help="CPU worker processes for extract."),
+    scheduler: Optional[str] = typer.Option(None, help="Existing Dask scheduler for extract, e.g. tcp://host:8786."),
+    limit: Optional[int] = Count(None, help="Hold at most about N images in the run (a total: reruns "
+                                        "add none)."),
+    links: Optional[str] = typer.Option(None, help="Official SA-1B links file (file_name<TAB>url), with --tars."),
+    tars: Optional[str] = TarsOpt,
+    max_id: Optional[int] = MaxIdOpt,
+    epochs: Optional[int] = EpochsOpt,
+    dataset: List[str] = typer.Option([], "--dataset", help="NAME=PATH (repeatable): also evaluate pretrained and "
+                                      "student, single pass and sliding, on these benchmarks."),
+    storage_options: Optional[str] = StorageOpt,
+) -> None:
+    """Run every stage in order, each resuming, and write RUN/reports/summary.md.
+
+    Stopped at any point and run again, it finishes what is left.
+    """
+    with reporting():
+        from spar_pipeline.pipeline import run_all
+
+        one_of(gpus=gpus, workers=workers, scheduler=scheduler)
+        ids, tar_names, benchmarks = gpu_ids(gpus), _links(links, tars), datasets(dataset)
+        r = open_run(run, recipe, storage_options, default="tiny-cpu")
+        out = run_all(r, list(sources or []), gpus=ids, workers=workers, scheduler=scheduler, limit=limit,
+                      epochs=epochs, datasets=benchmarks, links=links, tars=tar_names, max_id=max_id)
+        typer.echo(out["summary"])
+
+
+@app.command()
+def verify(
+    run: str = RunOpt,
+    repair: bool = typer.Option(False, "--repair", help="Mark damaged work as pending so the next run redoes it."),
+    storage_options: Optional[str] = StorageOpt,
+) -> None:
+    """Check every manifest row against what it references (tar bytes, feature maps).
+
+    Reads: manifests, tars, the store. Writes (with --repair): 'redo' rows for damaged items.
+    Exit code 1 when anything is damaged.
+    """
+    with reporting():
+        from spar_pipeline.verify import verify as check
+
+        report = check(open_run(run, None, storage_options), repair=repair)
+        typer.echo(f"verify: {report}")
+        damaged = sum(v["damaged"] for v in report.values() if isinstance(v, dict))
+        if damaged and not repair:
+            raise typer.Exit(1)
+
+
+@app.command()
+def status(
+    run: str = RunOpt,
+    storage_options: Optional[str] = StorageOpt,
+) -> None:
+    """Per stage: planned, done, rejected, pending, bytes and throughput, read from the manifests only."""
+    with reporting():
+        from spar_pipeline import status as stage
+
+        stage.print_status(open_run(run, None, storage_options), Console())
