@@ -34,12 +34,12 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from spar_pipeline import manifest
 from spar_pipeline.checkpoint import Checkpointer
 from spar_pipeline.errors import TrainError
 from spar_pipeline.run import Run
+from spar_pipeline.student import Student
 
 __all__ = ["run", "TrainError", "TrainSpec", "plan", "split_holdout", "epoch_order", "rank_share", "Trainer"]
 
@@ -180,12 +180,6 @@ class TrainSpec:
     log_level: int = logging.INFO
 
 
-def _amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    if device.type != "cuda" or precision == "fp32":
-        return None
-    return torch.float16 if precision == "fp16" else torch.bfloat16
-
-
 def _digest(ids: list[int]) -> str:
     return hashlib.sha256(",".join(map(str, sorted(ids))).encode()).hexdigest()[:16]
 
@@ -197,24 +191,11 @@ class Trainer:
 
         self.spec, self.rank, self.world = spec, rank, world
         self.device = torch.device(f"cuda:{spec.gpus[rank]}") if spec.gpus else torch.device("cpu")
-        self.amp = _amp_dtype(spec.precision, self.device)
         self.run = Run(spec.url, spec.storage_options)
-        self.model = build(spec.backbone, spec.checkpoint or None, device=self.device)
-        self.n_trainable = self.model.set_trainable(spec.trainable)
-        self.params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW([p for _, p in self.params], lr=spec.lr, weight_decay=spec.weight_decay)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp is torch.float16)
-        self.net = self.model
-        if world > 1:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            # Frozen parameters have requires_grad False, so DDP leaves them out of its buckets; but a spec
-            # such as "all" also unfreezes parameters the dense path never uses (text tower, pool query), so
-            # DDP must look for unused ones, as the reference's ddp_find_unused_parameters_true does.
-            self.net = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                           find_unused_parameters=True)
-        self.mean = torch.tensor(self.model.mean, device=self.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(self.model.std, device=self.device).view(1, 3, 1, 1)
+        self.student = Student(build(spec.backbone, spec.checkpoint or None), spec.trainable, lr=spec.lr,
+                               weight_decay=spec.weight_decay, precision=spec.precision, device=self.device,
+                               ddp=world > 1)
+        self.model, self.n_trainable = self.student.model, self.student.n_trainable
         self.checkpointer = Checkpointer(self.run, self.state_dict, every=spec.checkpoint_every,
                                          keep_latest_k=spec.keep_latest_k, enabled=rank == 0)
         self.train_ids = sorted(it.image_id for it in spec.train_items)
@@ -256,9 +237,7 @@ class Trainer:
         loss_sum, loss_steps = self._all_reduce([float(self.loss_sum), float(self.loss_steps)])  # every rank calls this
         cuda = torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []
         return dict(
-            model={n: p for n, p in self.params},
-            optimizer=self.optimizer.state_dict(),
-            scaler=self.scaler.state_dict(),
+            **self.student.state_dict(),  # model (trainable weights), optimizer, scaler
             rng=dict(torch=torch.get_rng_state(), cuda=cuda, numpy=np.random.get_state(), python=random.getstate()),
             progress=dict(epoch=self.epoch, position=self.position, step=self.step, world=self.world),
             epoch_acc=dict(loss_sum=loss_sum, loss_steps=int(loss_steps), seconds=self.epoch_seconds,
@@ -278,15 +257,7 @@ class Trainer:
         if data["train_ids"] != _digest(self.train_ids):
             raise TrainError(f"the training images changed since the checkpoint ({data['n_train']} then, "
                              f"{len(self.train_ids)} now); finish extract before training, or --no-resume")
-        weights = state["model"]
-        if set(weights) != {n for n, _ in self.params}:
-            raise TrainError("the checkpoint's trainable weights do not match the model's trainable parameters")
-        with torch.no_grad():
-            for n, p in self.params:
-                p.copy_(weights[n])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scaler.is_enabled() and state["scaler"]:
-            self.scaler.load_state_dict(state["scaler"])
+        self.student.load_state_dict(state)
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
         if rng["cuda"] and self.device.type == "cuda":
@@ -366,40 +337,16 @@ class Trainer:
         self.run_seconds += now - clock
         return now
 
-    def _autocast(self):
-        if self.amp is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp)
-
-    def _input(self, img: torch.Tensor) -> torch.Tensor:
-        x = img.to(self.device, non_blocking=True)[None].float().div_(255.0)
-        return (x - self.mean) / self.std
-
     def train_step(self, img: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        self.net.train()
-        x, target = self._input(img), teacher.to(self.device, non_blocking=True)[None].float()
-        with self._autocast():
-            out = self.net(x)
-        if out.shape != target.shape:
-            raise TrainError(f"student map {tuple(out.shape[1:])} != teacher map {tuple(target.shape[1:])}; "
-                             "the store was extracted with another backbone or augmentation")
-        loss = F.mse_loss(out.float(), target)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        return loss.detach()
+        return self.student.train_step(img, teacher)[0]
 
     @torch.no_grad()
     def validate(self) -> float:
         """Mean per-image MSE of the student (single pass) on the held-out maps, over all ranks."""
-        self.model.eval()
         self.val_sampler.indices = list(range(self.rank, len(self.spec.val_items), self.world))
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
         for _image_id, img, teacher in self.val_loader:
-            with self._autocast():
-                out = self.model(self._input(img))
-            total[0] += F.mse_loss(out.float(), teacher.to(self.device)[None].float()).double()
+            total[0] += self.student.mse(img, teacher)
             total[1] += 1
         if self.world > 1:
             torch.distributed.all_reduce(total)
