@@ -21,7 +21,7 @@ from typing import Any, Iterator
 
 from spar_pipeline import manifest
 from spar_pipeline.errors import first_line
-from spar_pipeline.imageio import ImageRejected, decode_image
+from spar_pipeline.imageio import ImageRejected, decode_image, orientation
 from spar_pipeline.run import Run
 from spar_pipeline.sources import SourceError, TarIndex, iter_tar, resolve_sources, show_url
 
@@ -42,8 +42,9 @@ def _few(items: list[str], n: int) -> str:
     return ", ".join(items[:n]) + (f", … ({len(items)} in all)" if len(items) > n else "")
 
 
-def _sidecar_problem(data: bytes, image_id: int, w: int, h: int) -> str:
-    """'' when the sidecar agrees with the decoded image, else the rejection reason."""
+def _sidecar_problem(data: bytes, image_id: int, w: int, h: int, turned: bool = False) -> str:
+    """'' when the sidecar agrees with the decoded image (``turned``: EXIF swapped its sides, so the
+    stored h×w agrees too), else the rejection reason."""
     try:
         if not data.rstrip().endswith(b"}"):
             raise ValueError("truncated")
@@ -54,7 +55,7 @@ def _sidecar_problem(data: bytes, image_id: int, w: int, h: int) -> str:
         return f"JSON sidecar malformed ({first_line(e)})"
     if sid != image_id:
         return f"JSON sidecar names image {sid}, not {image_id}"
-    if (sw, sh) != (w, h):
+    if (sw, sh) != (w, h) and not (turned and (sw, sh) == (h, w)):
         return f"size {w}×{h} disagrees with JSON sidecar {sw}×{sh}"
     return ""
 
@@ -72,6 +73,7 @@ def ingest_tar(
     images: dict[int, dict] = {}
     sidecars: dict[int, bytes] = {}
     repeated: list[str] = []
+    turned: set[int] = set()  # EXIF orientation 5–8: decoded with width and height swapped
     keep = (lambda i: i <= max_id) if max_id else None
     for member, data in iter_tar(url, storage_options, index, keep):
         if member.kind == "json":
@@ -84,6 +86,8 @@ def ingest_tar(
         try:
             h, w = decode_image(data, max_pixels).shape[:2]
             images[member.image_id] = _row(url, member, w=w, h=h, checksum=checksum)
+            if orientation(data) >= 5:
+                turned.add(member.image_id)
         except ImageRejected as e:
             images[member.image_id] = _row(url, member, "rejected", str(e), checksum=checksum)
     if repeated:
@@ -99,7 +103,8 @@ def ingest_tar(
     rows = []
     for image_id, row in sorted(images.items()):
         if row["status"] == "ok" and image_id in sidecars:  # no sidecar: the JPEG is the data, accept
-            problem = _sidecar_problem(sidecars[image_id], image_id, row["width"], row["height"])
+            problem = _sidecar_problem(sidecars[image_id], image_id, row["width"], row["height"],
+                                       turned=image_id in turned)
             if problem:
                 row.update(status="rejected", reason=problem, width=0, height=0)
         if row["status"] == "rejected":
