@@ -1,8 +1,11 @@
-"""SA-1B tars read in place: resolve SOURCE arguments, index member headers, byte-range reads.
+"""Tars and image files read in place: resolve SOURCE arguments, index member headers, byte-range reads.
 
-A tar is never extracted and a member name never becomes a filesystem path: members are
-matched against ``sa_<id>.jpg`` / ``sa_<id>.json`` (optionally ``./``-prefixed) and anything
-else — links, directories, devices, ``../`` or absolute names — is counted and ignored.
+A SOURCE is a tar, an image file, a folder (searched recursively) or a glob, local or an fsspec
+URL. A tar named ``sa_<digits>.tar`` is read as SA-1B; any other ``.tar`` as a WebDataset shard.
+A tar is never extracted and a member name never becomes a filesystem path: SA-1B members are
+matched against ``sa_<id>.jpg`` / ``sa_<id>.json`` (optionally ``./``-prefixed), WebDataset
+members are split into ``key.ext``, and anything else — links, directories, devices, ``../`` or
+absolute names — is counted and ignored.
 """
 
 from __future__ import annotations
@@ -21,22 +24,16 @@ from spar_pipeline.errors import SourceError, first_line
 from spar_pipeline.fsutil import filesystem, redact
 
 __all__ = [
-    "Member",
-    "TarIndex",
-    "Resolved",
-    "SourceError",
-    "tar_name",
-    "show_url",
-    "read_links",
-    "resolve_sources",
-    "index_tar",
-    "iter_tar",
-    "read_member",
+    "Member", "ImageFile", "IMAGE_EXTS", "MemberUnreadable", "TarIndex", "Resolved", "SourceError",
+    "tar_name", "show_url", "read_links", "resolve_sources", "index_tar", "iter_tar",
+    "image_ext", "read_member",
 ]
 
 log = logging.getLogger(__name__)
 SA_MEMBER = re.compile(r"^(?:\./)?sa_(\d+)\.(jpg|json)$")
 SA_TAR = re.compile(r"^(?:sa_)?(\d+)(?:\.tar)?$")
+SA1B_TAR_FILE = re.compile(r"^sa_\d+\.tar$")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # image files and WebDataset image members (any case)
 _REGULAR = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE)
 _FETCHED = ("http", "https")  # signed, expiring URLs: copied next to the run, then read in place
 _BLOCK = 8 << 20
@@ -49,6 +46,19 @@ class Member:
     kind: str  # "jpg" or "json"
     offset: int  # byte offset of the member's data inside the tar
     size: int
+
+
+@dataclass(frozen=True)
+class ImageFile:
+    url: str  # canonical: an absolute path or protocol://path (what read_member reads)
+    member: str  # the path below the SOURCE folder (or glob prefix) that found it
+    size: int
+    regular: bool  # False: a broken link, FIFO, device... (never opened)
+
+
+class MemberUnreadable(SourceError, ValueError):
+    """Bytes a manifest row names are gone or shorter (deleted, moved, truncated after ingest): bad
+    input for the stage reading them, rejected with this one line, not a crash to retry."""
 
 
 @dataclass
@@ -66,6 +76,7 @@ class TarIndex:
 class Resolved:
     urls: list[str]  # tar URLs, de-duplicated, sorted by tar name then URL; local ones as absolute paths
     failed: list[str] = field(default_factory=list)  # one message per SOURCE that gave nothing (already logged)
+    images: list[ImageFile] = field(default_factory=list)  # image files, de-duplicated, sorted by URL
 
 
 # ---- filesystems ----------------------------------------------------------------------------
@@ -127,18 +138,34 @@ def _canonical(fs: fsspec.AbstractFileSystem, src: str, path: str) -> str:
     return fs.unstrip_protocol(path)
 
 
-def _expand(src: str, storage_options: dict | None) -> list[str]:
-    """One SOURCE argument → tar URLs."""
+def image_ext(path: str) -> bool:
+    """An image file name (jpg, jpeg, png, webp in any case); hidden files (``._x.jpg``) are not."""
+    base = path.rsplit("/", 1)[-1]
+    return not base.startswith(".") and "." in base and base.rsplit(".", 1)[-1].lower() in IMAGE_EXTS
+
+
+def _expand(src: str, storage_options: dict | None) -> tuple[list[str], list[ImageFile]]:
+    """One SOURCE argument → tar URLs and image files (a single file that is no image is a tar)."""
     if src.split("://", 1)[0] in _FETCHED:
-        return [src]
+        return [src], []
     fs, path = _fs(src, storage_options)
-    if any(ch in path for ch in "*?["):
-        return [_canonical(fs, src, p) for p in fs.glob(path) if p.endswith(".tar")]
-    if fs.isdir(path):
-        return [_canonical(fs, src, p) for p in fs.find(path) if p.endswith(".tar")]
-    if not fs.exists(path):
-        raise SourceError("no such tar, folder or glob match")
-    return [_canonical(fs, src, path)]
+    globbed = [path.find(ch) for ch in "*?[" if ch in path]
+    if globbed:
+        found, root = fs.glob(path, detail=True), path[:min(globbed)].rsplit("/", 1)[0]
+    elif fs.isdir(path):
+        found, root = fs.find(path, detail=True), path.rstrip("/")
+    elif fs.exists(path):
+        if not image_ext(path):
+            return [_canonical(fs, src, path)], []
+        found, root = {path: fs.info(path)}, path.rsplit("/", 1)[0]
+    else:
+        raise SourceError("no such tar, image file, folder or glob match")
+    found = {p: info for p, info in found.items() if info.get("type") != "directory"}
+    tars = [_canonical(fs, src, p) for p in sorted(found) if p.endswith(".tar")]
+    images = [ImageFile(_canonical(fs, src, p), p[len(root) + 1:] if p.startswith(root + "/") else p.rsplit("/", 1)[-1],
+                        int(info.get("size") or 0), info.get("type") == "file")
+              for p, info in sorted(found.items()) if image_ext(p)]
+    return tars, images
 
 
 def _fetch(url: str, dest: str, storage_options: dict | None) -> str:
@@ -170,7 +197,7 @@ def resolve_sources(
     storage_options: dict | None = None,
     download_dir: str | None = None,
 ) -> Resolved:
-    """Tar URLs from paths, globs, folders, fsspec URLs, or the links file plus tar names.
+    """Tar URLs and image files from paths, globs, folders, fsspec URLs, or the links file plus tar names.
 
     With ``links``, ``tars`` picks rows of the links file; without it, ``tars`` keeps only the
     sources with those names. Links-file tars and ``http(s)`` tars are copied once to
@@ -196,14 +223,17 @@ def resolve_sources(
                 return
         out.append(url)
 
+    images: dict[str, ImageFile] = {}
     for src in sources:
         try:
-            found = _expand(src, storage_options)
+            found, imgs = _expand(src, storage_options)
         except Exception as e:
             fail(f"source {show_url(src)}: {first_line(e)}")
             continue
-        if not found:
-            fail(f"source {show_url(src)}: no .tar files match")
+        if not found and not imgs:
+            fail(f"source {show_url(src)}: no .tar files match (nor {'/'.join(IMAGE_EXTS)} images)")
+        for im in imgs:
+            images.setdefault(im.url, im)
         if wanted and not links:
             found = [u for u in found if u.split("?", 1)[0].rsplit("/", 1)[-1] in wanted]
         for url in found:
@@ -222,7 +252,8 @@ def resolve_sources(
         for name in wanted:
             if name not in names:
                 fail(f"--tars {name}: not among the given sources")
-    return Resolved(sorted(set(out), key=lambda u: (u.split("?", 1)[0].rsplit("/", 1)[-1], u)), failed)
+    return Resolved(sorted(set(out), key=lambda u: (u.split("?", 1)[0].rsplit("/", 1)[-1], u)), failed,
+                    [images[u] for u in sorted(images)])
 
 
 # ---- reading tars ---------------------------------------------------------------------------
@@ -231,11 +262,16 @@ def _unsafe(name: str) -> bool:
     return name.startswith(("/", "\\")) or ".." in parts or (len(name) > 1 and name[1] == ":")
 
 
-def _classify(info: tarfile.TarInfo, index: TarIndex) -> re.Match | None:
-    """The name match for an sa_<id>.jpg/json regular file; anything else is counted and ignored."""
-    m = SA_MEMBER.match(info.name)
-    if m is not None and info.type in _REGULAR and info.sparse is None:
-        return m
+def _parse_sa(name: str) -> tuple[int, str] | None:
+    m = SA_MEMBER.match(name)
+    return (int(m.group(1)), m.group(2)) if m else None
+
+
+def _classify(info: tarfile.TarInfo, index: TarIndex, parse: Callable[[str], tuple | None]) -> tuple | None:
+    """The parsed name of a regular file ``parse`` accepts; anything else is counted and ignored."""
+    parsed = parse(info.name) if info.type in _REGULAR and info.sparse is None else None
+    if parsed is not None:
+        return parsed
     index.ignored += 1
     if info.issym() or info.islnk():
         index.suspicious.append(f"link {info.name!r}")
@@ -265,8 +301,10 @@ def _why_stopped(f, offset: int, size: int) -> str:
     return f"unreadable tar header at offset {offset}"
 
 
-def _walk(url: str, storage_options: dict | None, index: TarIndex, with_data: bool,
-          keep: Callable[[int], bool] | None = None) -> Iterator[tuple[Member, bytes | None]]:
+def _walk(url: str, storage_options: dict | None, index: TarIndex, parse: Callable[[str], tuple | None],
+          want: Callable[[tuple], bool], keep: Callable[[tuple], bool] | None = None,
+          ) -> Iterator[tuple[str, tuple, int, int, bytes | None]]:
+    """(name, parsed name, data offset, size, bytes when ``want``) per accepted member, in tar order."""
     fs, path = _fs(url, storage_options)
     with fs.open(path, "rb", block_size=_BLOCK) as f:
         size = f.size if getattr(f, "size", None) is not None else fs.size(path)
@@ -284,18 +322,17 @@ def _walk(url: str, storage_options: dict | None, index: TarIndex, with_data: bo
             if info is None:
                 index.error = _why_stopped(f, tf.offset, size)
                 return
-            m = _classify(info, index)
-            if m is None:
+            parsed = _classify(info, index, parse)
+            if parsed is None:
                 continue
             if info.offset_data + info.size > size:
                 index.error = f"truncated tar: {info.name} ends at {info.offset_data + info.size}, the file at {size}"
                 return
-            image_id = int(m.group(1))
-            if keep is not None and not keep(image_id):
+            if keep is not None and not keep(parsed):
                 index.filtered += 1
                 continue
             data = None
-            if with_data:
+            if want(parsed):
                 try:
                     data = tf.extractfile(info).read()  # bytes in memory; nothing touches the filesystem
                 except (tarfile.TarError, EOFError, OSError) as e:
@@ -304,7 +341,7 @@ def _walk(url: str, storage_options: dict | None, index: TarIndex, with_data: bo
                 if len(data) != info.size:
                     index.error = f"truncated tar at {info.name} ({len(data)} of {info.size} bytes)"
                     return
-            yield Member(info.name, image_id, m.group(2), info.offset_data, info.size), data
+            yield info.name, parsed, info.offset_data, info.size, data
 
 
 def index_tar(url: str, storage_options: dict | None = None, index: TarIndex | None = None) -> Iterator[Member]:
@@ -313,21 +350,28 @@ def index_tar(url: str, storage_options: dict | None = None, index: TarIndex | N
     A truncated tar or a damaged header ends the walk: the members before it are yielded
     and ``index.error`` says where and why.
     """
-    for member, _ in _walk(url, storage_options, index if index is not None else TarIndex(), with_data=False):
-        yield member
+    for name, (image_id, kind), offset, size, _ in _walk(
+            url, storage_options, index if index is not None else TarIndex(), _parse_sa, lambda p: False):
+        yield Member(name, image_id, kind, offset, size)
 
 
 def iter_tar(url: str, storage_options: dict | None = None, index: TarIndex | None = None,
              keep: Callable[[int], bool] | None = None) -> Iterator[tuple[Member, bytes]]:
     """Members with their bytes in one sequential pass (what ingest needs to decode each image);
     members whose id fails ``keep`` are skipped unread."""
-    yield from _walk(url, storage_options, index if index is not None else TarIndex(), True, keep)
+    for name, (image_id, kind), offset, size, data in _walk(
+            url, storage_options, index if index is not None else TarIndex(), _parse_sa, lambda p: True,
+            (lambda p: keep(p[0])) if keep is not None else None):
+        yield Member(name, image_id, kind, offset, size), data
 
 
 def read_member(url: str, offset: int, size: int, storage_options: dict | None = None) -> bytes:
-    """One byte-range read of a member's data."""
+    """One byte-range read of a member's data (offset 0 and the file's size for an image file)."""
     fs, path = _fs(url, storage_options)
-    data = fs.cat_file(path, start=offset, end=offset + size)
+    try:
+        data = fs.cat_file(path, start=offset, end=offset + size)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
+        raise MemberUnreadable(f"{show_url(url)}: gone or unreadable since ingest ({type(e).__name__})") from None
     if len(data) != size:
-        raise OSError(f"{show_url(url)}: short read at {offset} ({len(data)} of {size} bytes)")
+        raise MemberUnreadable(f"{show_url(url)}: short read at {offset} ({len(data)} of {size} bytes)")
     return data
