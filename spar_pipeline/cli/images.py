@@ -33,7 +33,7 @@ def segment(
 ) -> None:
     """Segment one image into the given classes: the image with the label map overlaid and a legend."""
     with reporting():
-        from spar_pipeline import tools
+        from spar_pipeline import pictures
 
         if logit_scale <= 0:
             raise OptionError(f"--logit-scale {logit_scale}: must be > 0 (the reference demo's 40)")
@@ -41,10 +41,10 @@ def segment(
             raise OptionError("--mode sliding needs --stride S, e.g. --stride 24")
         if mode is Mode.single and stride is not None:
             raise OptionError(f"--stride {stride} applies to --mode sliding only; add --mode sliding")
-        class_lines = tools.parse_classes(classes)
+        class_lines = pictures.parse_classes(classes)
         if not class_lines:
             raise OptionError(f"--classes {classes!r}: no class names; give e.g. --classes \"road, car, sky\"")
-        info = tools.segment_image(image, class_lines, out, backbone=backbone, checkpoint=checkpoint,
+        info = pictures.segment_image(image, class_lines, out, backbone=backbone, checkpoint=checkpoint,
                                    run=tool_run(run, storage_options), logit_scale=logit_scale, prob_thd=prob_thd,
                                    mode=mode.value, stride=stride)
         typer.echo(f"segment: wrote {info['out']} (classes present: {', '.join(info['present']) or 'none'})")
@@ -61,9 +61,9 @@ def features(
 ) -> None:
     """Raw dense features of one single pass on the full image: h × w × D float32, not normalised."""
     with reporting():
-        from spar_pipeline import tools
+        from spar_pipeline import pictures
 
-        shape = tools.features(image, out, backbone=backbone, checkpoint=checkpoint, run=tool_run(run, storage_options))
+        shape = pictures.features(image, out, backbone=backbone, checkpoint=checkpoint, run=tool_run(run, storage_options))
         typer.echo(f"features: wrote {out} shape {list(shape)}")
 
 
@@ -81,8 +81,8 @@ def pca(
 ) -> None:
     """First three principal components as RGB: teacher (sliding) and student (single pass) on one basis."""
     with reporting():
-        from spar_pipeline import tools
+        from spar_pipeline import pictures
 
-        info = tools.pca_image(image, out, backbone=backbone, run=tool_run(run, storage_options),
+        info = pictures.pca_image(image, out, backbone=backbone, run=tool_run(run, storage_options),
                                checkpoint=checkpoint, stride=stride)
         typer.echo(f"pca: wrote {info['out']} ({info['size'][0]}×{info['size'][1]}, student: {info['student']})")
