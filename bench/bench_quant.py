@@ -131,7 +131,7 @@ def main(quick: bool = False) -> dict:
     from spar_pipeline import evaluate, manifest
     from spar_pipeline.mini.scenes import make_scene_source
     from spar_pipeline.store import FeatureStore
-    from spar_pipeline.tools import load_models
+    from spar_pipeline.weights import load_models
 
     logging.getLogger("spar_pipeline").setLevel(logging.WARNING)
     n_tars, per_tar, epochs = (2, 8, 2) if quick else (4, 16, 8)

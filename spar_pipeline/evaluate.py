@@ -17,8 +17,6 @@ import csv
 import io
 import logging
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -28,13 +26,13 @@ import torch
 
 from spar_pipeline.errors import EvaluateError
 from spar_pipeline.run import Run
+from spar_pipeline.weights import BEST, pretrained_model, resolve_checkpoint
 
 __all__ = ["run", "timing", "feature_mse", "heldout_mse", "write_table", "table_rows", "resolve_checkpoint", "EvaluateError"]
 
 log = logging.getLogger(__name__)
 
 STAGE = "evaluate"
-BEST = ("checkpoints", "best.safetensors")
 MODE_CHOICES = ("single", "sliding")
 
 
@@ -70,7 +68,7 @@ def run(run: Run | None, datasets: dict[str, str], *, checkpoints: Sequence[str]
                                 f"(it has: {', '.join(cfg.datasets) or 'none'})")
         benches[name] = get_dataset(name, root)
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    pretrained, bname = _pretrained(backbone, recipe, dev)
+    pretrained, bname = pretrained_model(backbone, recipe, dev)
     labels = _labels(checkpoints)
     paths = {ck: resolve_checkpoint(run, ck) for ck in checkpoints}  # fail early on a missing file
 
@@ -158,7 +156,7 @@ def timing(backbone, image: np.ndarray, mode: str = "single", stride: int | None
 def heldout_mse(run: Run, checkpoints: Sequence[str], backbone: str | None = None) -> Iterator[tuple[str, float]]:
     """``evaluate --run RUN`` without datasets: (checkpoint, held-out teacher MSE) for each of
     ``checkpoints`` (pretrained, best or a weights file), one at a time."""
-    from spar_pipeline.tools import load_models
+    from spar_pipeline.weights import load_models
 
     for ck in checkpoints:
         _, model = load_models(backbone, ck, run, need_pretrained=False)
@@ -240,26 +238,6 @@ def write_table(run: Run, rows: Sequence[dict] | None = None) -> tuple[str, str]
     return run.path("reports", "table.md"), run.path("reports", "table.csv")
 
 
-def resolve_checkpoint(run: Run | None, checkpoint: str) -> str | None:
-    """A local weights file for "best" (RUN/checkpoints/best.safetensors, copied from a remote run)
-    or a path; None for "pretrained"."""
-    if checkpoint == "pretrained":
-        return None
-    if checkpoint == "best":
-        if run is None:
-            raise EvaluateError("--checkpoint best needs --run (it reads RUN/checkpoints/best.safetensors)")
-        if not run.exists(*BEST):
-            raise EvaluateError(f"{run.url_for(*BEST)}: no best checkpoint yet; run `spar-pipeline train` first")
-        if run.local:
-            return run.path(*BEST)
-        local = os.path.join(tempfile.mkdtemp(prefix="spar-ckpt-"), "best.safetensors")
-        run.fs.get(run.path(*BEST), local)
-        return local
-    if not os.path.isfile(checkpoint):
-        raise EvaluateError(f"checkpoint {checkpoint!r}: no such file; use pretrained, best or a weights file")
-    return checkpoint
-
-
 # ---- helpers -----------------------------------------------------------------------------
 def _recipe(run: Run | None, recipe):
     from spar_pipeline.recipe import load_recipe
@@ -294,15 +272,6 @@ def _labels(checkpoints: Sequence[str]) -> list[str]:
         raise EvaluateError("no checkpoint given; use pretrained, best or a weights file")
     stems = [c if c in ("pretrained", "best") else Path(c).stem for c in checkpoints]
     return [s if stems.count(s) == 1 else c for s, c in zip(stems, checkpoints)]
-
-
-def _pretrained(backbone, recipe, device: torch.device):
-    from spar_pipeline.backbones import build
-
-    if backbone is not None and not isinstance(backbone, str):
-        return backbone.to(device).eval(), backbone.name
-    name = backbone or recipe.recipe.backbone
-    return build(name, recipe.recipe.checkpoint or None, device=device), name
 
 
 def _existing(run: Run) -> dict[tuple, dict]:

@@ -29,7 +29,7 @@ DEMO_CLASSES = ["background", "sky", "tree", "road", "building", "person", "car"
 
 def held_out_look(run: Run, *, classes: list[str] | None = None) -> dict[str, Any]:
     """{"image_id", "size", "checkpoint", "seconds": {mode: s/image}, "pictures": {name: url}}."""
-    from spar_pipeline import augment, evaluate, tools
+    from spar_pipeline import augment, evaluate, pictures, weights
     from spar_pipeline.train import plan
 
     recipe = run.recipe
@@ -39,7 +39,7 @@ def held_out_look(run: Run, *, classes: list[str] | None = None) -> dict[str, An
     image_id = held_out[0].image_id
     image = augment.augmented_image(run, image_id).permute(1, 2, 0).numpy()  # uint8 [H, W, 3]
     checkpoint = "best" if run.exists(*evaluate.BEST) else "pretrained"
-    teacher, student = tools.load_models(None, checkpoint, run)
+    teacher, student = weights.load_models(None, checkpoint, run)
 
     warmup = recipe.evaluate.timing_warmup
     seconds = {"single (student)": evaluate.timing(student, image, "single", None, warmup,
@@ -55,9 +55,9 @@ def held_out_look(run: Run, *, classes: list[str] | None = None) -> dict[str, An
 
         Image.fromarray(np.ascontiguousarray(image)).save(png)
         outs = {"pca": Path(tmp, f"pca_{image_id}.png"), "segmentation": Path(tmp, f"segmentation_{image_id}.png")}
-        tools.pca_image(str(png), str(outs["pca"]), backbone=teacher, run=run, checkpoint=checkpoint,
+        pictures.pca_image(str(png), str(outs["pca"]), backbone=teacher, run=run, checkpoint=checkpoint,
                         stride=recipe.extract.stride, student=student)
-        tools.segment_image(str(png), classes or DEMO_CLASSES, str(outs["segmentation"]), backbone=teacher,
+        pictures.segment_image(str(png), classes or DEMO_CLASSES, str(outs["segmentation"]), backbone=teacher,
                             checkpoint=checkpoint, run=run, prob_thd=0.0, student=student)
         for name, out in outs.items():
             run.write_bytes_atomic(out.read_bytes(), "reports", out.name)

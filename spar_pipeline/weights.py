@@ -1,0 +1,77 @@
+"""Which weights a model is built from: the one place that turns (backbone, checkpoint, run) into models.
+
+``checkpoint`` is "pretrained" (the recipe's base weights, else the backbone's own), "best" (the
+run's ``RUN/checkpoints/best.safetensors``, copied to a local file for an object-store run) or a
+weights file. ``backbone`` is a name (default: the run's recipe backbone), or a Backbone already
+built, used as the pretrained model. The pretrained model is also what gives text features, so a
+student that fine-tuned its text tower never changes them (see docs/reference.md).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import torch
+
+from spar_pipeline.errors import EvaluateError
+from spar_pipeline.run import Run
+
+__all__ = ["BEST", "DEFAULT_BACKBONE", "resolve_checkpoint", "pretrained_model", "load_models"]
+
+BEST = ("checkpoints", "best.safetensors")  # the run's best student, written by train
+DEFAULT_BACKBONE = "siglip2-b16-512"  # without a run or a --backbone
+
+
+def resolve_checkpoint(run: Run | None, checkpoint: str) -> str | None:
+    """A local weights file for "best" (RUN/checkpoints/best.safetensors, copied from a remote run)
+    or a path; None for "pretrained"."""
+    if checkpoint == "pretrained":
+        return None
+    if checkpoint == "best":
+        if run is None:
+            raise EvaluateError("--checkpoint best needs --run (it reads RUN/checkpoints/best.safetensors)")
+        if not run.exists(*BEST):
+            raise EvaluateError(f"{run.url_for(*BEST)}: no best checkpoint yet; run `spar-pipeline train` first")
+        if run.local:
+            return run.path(*BEST)
+        local = os.path.join(tempfile.mkdtemp(prefix="spar-ckpt-"), "best.safetensors")
+        run.fs.get(run.path(*BEST), local)
+        return local
+    if not os.path.isfile(checkpoint):
+        raise EvaluateError(f"checkpoint {checkpoint!r}: no such file; use pretrained, best or a weights file")
+    return checkpoint
+
+
+def pretrained_model(backbone, recipe, device: torch.device):
+    """(the pretrained Backbone on ``device`` in eval mode, its name). ``recipe`` (or None) gives the
+    default name and the base weights (``recipe.checkpoint``)."""
+    from spar_pipeline.backbones import build
+
+    if backbone is not None and not isinstance(backbone, str):
+        return backbone.to(device).eval(), backbone.name
+    name = _name(backbone, recipe)
+    base = recipe.recipe.checkpoint if recipe is not None else ""
+    return build(name, base or None, device=device), name
+
+
+def load_models(backbone, checkpoint: str, run: Run | None, device=None, need_pretrained: bool = True,
+                model=None):
+    """(pretrained, model with the checkpoint): the same object for "pretrained"; the first is None
+    when not needed (only the checkpoint is then built). ``model``: the checkpoint's model already
+    built, used as it is. ``device``: default the GPU when there is one."""
+    from spar_pipeline.backbones import build
+
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    path = None if model is not None else resolve_checkpoint(run, checkpoint)
+    recipe = run.recipe if run is not None else None
+    if path is not None and not need_pretrained and (backbone is None or isinstance(backbone, str)):
+        return None, build(_name(backbone, recipe), path, device=dev)
+    base, name = pretrained_model(backbone, recipe, dev)
+    if model is not None:
+        return base, model.to(dev).eval()
+    return base, base if path is None else build(name, path, device=dev)
+
+
+def _name(backbone: str | None, recipe) -> str:
+    return backbone or (recipe.recipe.backbone if recipe is not None else DEFAULT_BACKBONE)
