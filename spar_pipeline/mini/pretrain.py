@@ -13,12 +13,11 @@ of the time in one of the 80 ImageNet templates, so the text tower has seen the 
 
 Reproduce the shipped weights (about 20 minutes on 2 cores)::
 
-    nice -n 10 python -m spar_pipeline.mini.pretrain --out spar_pipeline/assets/mini-clip.safetensors --seed 0
+    nice -n 10 spar-pipeline pretrain-mini --out spar_pipeline/assets/mini-clip.safetensors --seed 0
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import time
@@ -128,24 +127,16 @@ def main(out: str | Path = "mini-clip.safetensors", seed: int = 0, minutes: floa
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(out), metadata={"seed": str(seed), "steps": str(step), "batch": str(BATCH),
-                                         "pool": str(POOL), "command": "python -m spar_pipeline.mini.pretrain"})
+                                         "pool": str(POOL), "command": "spar-pipeline pretrain-mini"})
     report = dict(steps=step, loss=round(loss_avg, 4), seconds=round(time.perf_counter() - t0, 1),
                   capped=step < steps, out=str(out))
     log.info("pretrain-mini: %s", report)
     return report
 
 
-def _cli() -> None:
-    p = argparse.ArgumentParser(prog="python -m spar_pipeline.mini.pretrain", description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="mini-clip.safetensors", help="where the safetensors weights go")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--minutes", type=float, default=40.0, help="wall-time cap (a capped run is not the reference)")
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
-    p.add_argument("--threads", type=int, default=2)
-    a = p.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    main(a.out, a.seed, a.minutes, a.steps, a.threads)
+if __name__ == "__main__":  # the same command as `spar-pipeline pretrain-mini` (options declared once, in cli/mini.py)
+    import sys
 
+    from spar_pipeline.cli import app
 
-if __name__ == "__main__":
-    _cli()
+    app(["pretrain-mini", *sys.argv[1:]], prog_name="spar-pipeline")

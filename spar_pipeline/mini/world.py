@@ -8,12 +8,11 @@ several keep-ratio resolutions, and prints one Markdown table (also written to W
 and WORK/rows.json); seconds per image are the fastest of 5 passes on one benchmark image
 (its first: 384×192 before the resize), because a shared CPU makes one timed pass noisy. Everything resumes: a second call reuses the run and only re-evaluates.
 
-    nice -n 10 python -m spar_pipeline.mini.world --work runs/mini-world
+    nice -n 10 spar-pipeline mini-world --work runs/mini-world   # or: python -m spar_pipeline.mini.world
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -146,7 +145,12 @@ def retime(work: str | Path = "runs/mini-world") -> str:
     from spar_pipeline.run import Run
     from spar_pipeline.weights import resolve_checkpoint
 
+    from spar_pipeline.errors import RunError
+
     work = Path(work)
+    if not (work / "rows.json").is_file():
+        raise RunError(f"{work / 'rows.json'}: no earlier table to time again; run `spar-pipeline mini-world "
+                       f"--work {work}` first")
     rows = json.loads((work / "rows.json").read_text())
     run = Run(str(work / "run"))
     best = resolve_checkpoint(run, "best")
@@ -159,22 +163,9 @@ def retime(work: str | Path = "runs/mini-world") -> str:
     return _write(work, rows, scales)
 
 
-def _cli() -> None:
-    p = argparse.ArgumentParser(prog="python -m spar_pipeline.mini.world", description=__doc__.splitlines()[0])
-    p.add_argument("--work", default="runs/mini-world")
-    p.add_argument("--bench-images", type=int, default=12)
-    p.add_argument("--tars", type=int, default=4)
-    p.add_argument("--per-tar", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--retime", action="store_true", help="only time again the rows of an earlier run")
-    a = p.parse_args()
-    import torch
+if __name__ == "__main__":  # the same command as `spar-pipeline mini-world` (options declared once, in cli/mini.py)
+    import sys
 
-    torch.set_num_threads(a.threads)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    print(retime(a.work) if a.retime else main(a.work, a.bench_images, a.tars, a.per_tar, a.seed))
+    from spar_pipeline.cli import app
 
-
-if __name__ == "__main__":
-    _cli()
+    app(["mini-world", *sys.argv[1:]], prog_name="spar-pipeline")
