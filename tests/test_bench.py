@@ -60,6 +60,21 @@ def test_store_bench_json(results, monkeypatch):
     assert 0.5 < saved["store"]["int8"]["bytes_vs_raw"] < 0.55  # int8 values + float32 scales + metadata
 
 
+def test_inference_bench_uses_the_papers_timing():
+    """bench inference's rows come from spar_pipeline.timing: forward seconds at the paper's image
+    size (here a small one), sliding windows counted as the stitching counts them, projection flagged."""
+    from bench import bench_inference
+    from spar_pipeline.windows import count_windows
+
+    b = common.backbone("tiny-siglip")
+    r = bench_inference.measure(b, "tiny-siglip", size=(128, 192), strides=[24, 64], warmup=0, max_batches=1)
+    assert r["image"] == [128, 192] and r["window_batch"] == 60 and r["single"]["forward_seconds"] > 0
+    s24, s64 = r["s24"], r["s64"]
+    assert s24["windows"] == count_windows(128, 192, 64, 24) == 28 and s24["batches"] == 1 and not s24["projected"]
+    assert s64["windows"] == 6 and s24["flop_ratio"] > s64["flop_ratio"] > 0
+    assert s24["flops"] == 28 * common.forward_flops("tiny-siglip", 64, 64)
+
+
 def test_extract_steady_state_in_process():
     r = bench_extract._tiny_steady(per_tar=3)
     assert r["images"] == 2 and r["windows"] > 0  # 6 images, 4 used to warm up

@@ -68,7 +68,7 @@ def test_evaluate_compares_models_and_modes(trained):
     keys = {(r["model"], r["mode"], r["stride"]) for r in rows}
     assert keys == {("pretrained", "single", 0), ("pretrained", "sliding", 32), ("best", "single", 0),
                     ("best", "sliding", 32)}
-    assert all(0 <= r["miou"] <= 100 and r["seconds_per_image"] > 0 and r["images"] == 2 for r in rows)
+    assert all(0 <= r["miou"] <= 100 and r["forward_seconds"] > 0 and r["images"] == 2 for r in rows)
     assert out.stdout.count("mIoU") == 4
     with open(Path(run) / "reports" / "table.csv") as f:
         table = list(csv.reader(f))

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from spar_pipeline import evaluate, segment
+from spar_pipeline import evaluate, segment, timing
 from spar_pipeline.datasets import get_spec, make_synthetic
 from spar_pipeline.manifest import read_manifest
 from spar_pipeline.recipe import DatasetEval, load_recipe
@@ -129,12 +129,12 @@ def test_perfect_predictor_scores_100_in_every_mode(tmp_path):
                                                                        timing_warmup=3))
     model = OneHot()
     rows = evaluate.run(None, {"voc21": str(root)}, modes=("single", "sliding"), strides=[16, 256],
-                        backbone=model, recipe=recipe)
+                        backbone=model, recipe=recipe, timing_size=(96, 192))
     assert [(r["mode"], r["stride"]) for r in rows] == [("single", 0), ("sliding", 16), ("sliding", 256)]
     for r in rows:
-        assert r["miou"] == pytest.approx(100.0) and r["images"] == 3 and r["seconds_per_image"] > 0
+        assert r["miou"] == pytest.approx(100.0) and r["images"] == 3 and r["forward_seconds"] > 0
     model.calls = 0
-    evaluate.timing(model, np.zeros((64, 96, 3), np.uint8), "single", warmup=3)
+    timing.forward_time(model, "single", size=(64, 96), warmup=3, fresh=True)
     assert model.calls == 4  # 3 warm-up passes, the 4th timed
 
 
@@ -155,22 +155,22 @@ def test_evaluate_end_to_end_tiny_siglip(tmp_path, tiny):
 
     datasets = {"voc20": str(data), "cityscapes": str(data / "cityscapes")}
     rows = evaluate.run(run, datasets, checkpoints=["pretrained", "best"], modes=("single", "sliding"),
-                        strides=[24, 256])
+                        strides=[24, 256], timing_size=(128, 256))
     assert len(rows) == 2 * 3 * 2
     assert {(r["model"], r["mode"], r["stride"]) for r in rows} == {
         (m, mode, s) for m in ("pretrained", "best") for mode, s in (("single", 0), ("sliding", 24), ("sliding", 256))}
-    assert all(0 <= r["miou"] <= 100 and r["images"] == 2 and r["seconds_per_image"] > 0 for r in rows)
+    assert all(0 <= r["miou"] <= 100 and r["images"] == 2 and r["forward_seconds"] > 0 for r in rows)
     table = read_manifest(run, "evaluate")
     assert table.num_rows == 12
 
     md = (tmp_path / "run" / "reports" / "table.md").read_text().splitlines()
-    assert md[0] == "| model | mode | voc20 | cityscapes | Mean | s/img |"
+    assert md[0] == "| model | mode | voc20 | cityscapes | Mean | forward s @128×256 | predict s/img |"
     assert any(line.startswith("| best | sliding s=24 |") for line in md) and len(md) == 2 + 6
     with open(tmp_path / "run" / "reports" / "table.csv") as f:
         body = list(csv.reader(f))
-    assert body[0][-2] == "Mean" and len(body) == 7
+    assert body[0][-3] == "Mean" and len(body) == 7
     for line in body[1:]:
-        assert float(line[-2]) == pytest.approx((float(line[2]) + float(line[3])) / 2, abs=0.01)
+        assert float(line[-3]) == pytest.approx((float(line[2]) + float(line[3])) / 2, abs=0.01)
 
     again = evaluate.run(run, datasets, checkpoints=["pretrained"], modes=("single",))  # already done: no work
     assert [r["miou"] for r in again] == [r["miou"] for r in rows if r["model"] == "pretrained" and r["stride"] == 0]
@@ -178,13 +178,15 @@ def test_evaluate_end_to_end_tiny_siglip(tmp_path, tiny):
 
 
 def test_table_mean6_and_missing_cells():
-    rows = [{"model": "m", "mode": "single", "stride": 0, "dataset": d, "miou": float(i), "seconds_per_image": 0.5,
+    speed = {"forward_seconds": 0.5, "forward_height": 1024, "forward_width": 2048, "predict_seconds": 0.7}
+    rows = [{"model": "m", "mode": "single", "stride": 0, "dataset": d, "miou": float(i), **speed,
              "images": 1} for i, d in enumerate(["voc21", "voc20", "context60", "context59", "ade20k", "cityscapes"])]
     rows.append({"model": "s", "mode": "sliding", "stride": 24, "dataset": "voc21", "miou": 1.0,
-                 "seconds_per_image": math.nan, "images": 1})
+                 **speed, "forward_seconds": math.nan, "images": 1})
     header, body = evaluate.table_rows(rows)
-    assert header[-2] == "Mean6"
-    assert body[0][-2] == "2.50" and body[1][1] == "sliding s=24" and body[1][-2] == "" and body[1][-1] == ""
+    assert header[-3] == "Mean6" and header[-2:] == ["forward s @1024×2048", "predict s/img"]
+    assert body[0][-3] == "2.50" and body[1][1] == "sliding s=24" and body[1][-3] == "" and body[1][-2] == ""
+    assert body[0][-2:] == ["0.5000", "0.7000"] and body[1][-1] == "0.7000"
 
 
 def test_sliding_gaps_are_refused(tiny):
@@ -204,7 +206,7 @@ def test_errors_say_what_to_pass(tmp_path):
 
 
 def test_feature_mse_against_the_store(tmp_path, tiny):
-    from spar_pipeline import augment, ingest
+    from spar_pipeline import augment, augmentation, ingest
     from spar_pipeline.store import FeatureStore
     from spar_pipeline.mini.sa1b_writer import make_sa1b_source
     from spar_pipeline.windows import sliding_features
@@ -217,7 +219,7 @@ def test_feature_mse_against_the_store(tmp_path, tiny):
     store = FeatureStore.create(run.url_for("features.zarr"), {"teacher": "test"})
     want = []
     for i in ids:  # the teacher written by hand (the extract stage's own tests cover extract)
-        img = augment.augmented_image(run, i).float()[None] / 255.0
+        img = augmentation.augmented_image(run, i).float()[None] / 255.0
         x = (img - torch.tensor(tiny.mean).view(1, 3, 1, 1)) / torch.tensor(tiny.std).view(1, 3, 1, 1)
         with torch.no_grad():
             teacher = sliding_features(tiny, x, window=64, stride=24).numpy().astype(np.float16)
@@ -226,3 +228,86 @@ def test_feature_mse_against_the_store(tmp_path, tiny):
     mse = evaluate.feature_mse(tiny, run, ids)
     assert 0 < mse == pytest.approx(sum(want) / len(want), rel=1e-5)
     assert evaluate.feature_mse(tiny, run, ids[:1]) == pytest.approx(want[0], rel=1e-5)
+
+
+class _Clock:
+    """A clock that moves only inside ``dense``: a timing that reads it counts forward time and nothing else."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class CountingWindows(OneHot):
+    """OneHot whose forwards record their batch shapes and advance ``clock`` by one second per window."""
+
+    def __init__(self, clock):
+        super().__init__()
+        self.clock, self.shapes = clock, []
+
+    def dense(self, x):
+        self.shapes.append(tuple(x.shape))
+        self.clock.now += x.shape[0]
+        return super().dense(x)
+
+
+def test_forward_timing_is_the_papers_protocol(monkeypatch):
+    """Only forwards are timed; sliding = the sum over sub-batches; warm-up passes, then one timed."""
+    from spar_pipeline.windows import count_windows
+
+    clock = _Clock()
+    monkeypatch.setattr(timing.time, "perf_counter", clock)
+    model = CountingWindows(clock)
+    single = timing.forward_time(model, "single", size=(64, 96), warmup=2, fresh=True)
+    assert single.seconds == 1.0 and model.shapes == [(1, 3, 64, 96)] * 3 and not single.projected
+    model.shapes.clear()
+    n = count_windows(100, 150, 48, 16)  # 5 × 8 = 40 windows of 48 (boundary windows included)
+    got = timing.forward_time(model, "sliding", 16, size=(100, 150), warmup=1, window_batch=7, fresh=True)
+    assert got.windows == n == 40 and got.batches == 6 and got.seconds == n  # each window's second, summed
+    assert [s[0] for s in model.shapes] == [7, 7, 7, 7, 7, 5] * 2 and {s[1:] for s in model.shapes} == {(3, 48, 48)}
+    # projected from the first sub-batch: 7 windows timed, scaled to all 40
+    part = timing.forward_time(model, "sliding", 16, size=(100, 150), warmup=0, window_batch=7, max_batches=1,
+                               fresh=True)
+    assert part.projected and part.timed_batches == 1 and part.seconds == pytest.approx(n)
+    model.shapes.clear()  # measured once per configuration and process
+    assert timing.forward_time(model, "sliding", 16, size=(100, 150), warmup=1, window_batch=7) == got
+    assert model.shapes == []
+    assert timing.PAPER_SIZE == (1024, 2048) and timing.PAPER_WARMUP == 10 and timing.PAPER_WINDOW_BATCH == 60
+    with pytest.raises(ValueError, match="needs a stride"):
+        timing.forward_time(model, "sliding", None)
+    with pytest.raises(ValueError, match="choose from single, sliding"):
+        timing.forward_time(model, "fast")
+
+
+def test_evaluate_rows_time_forward_at_1024x2048_and_predict_apart(tmp_path):
+    """forward_seconds: the paper's figure at 1024×2048 (default), one per model × mode, the same for
+    every dataset; predict_seconds: this dataset's end-to-end mean, its own figure."""
+    root = _striped_voc(tmp_path)
+    (tmp_path / "b").symlink_to(root)
+    recipe = load_recipe("tiny-cpu")
+    recipe = dataclasses.replace(recipe, evaluate=dataclasses.replace(recipe.evaluate, resize=(96, 64),
+                                                                       timing_warmup=0))
+    model = CountingWindows(_Clock())
+    rows = evaluate.run(None, {"voc21": str(root), "voc20": str(tmp_path / "b")}, modes=("single",),
+                        backbone=model, recipe=recipe)
+    assert {(r["forward_height"], r["forward_width"]) for r in rows} == {(1024, 2048)}
+    assert (1, 3, 1024, 2048) in model.shapes  # the timed forward ran on the whole 1024×2048 image
+    assert len({r["forward_seconds"] for r in rows}) == 1 and all(r["predict_seconds"] > 0 for r in rows)
+
+
+def test_v1_evaluate_manifest_is_refused_with_the_way_out(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    run = Run(str(tmp_path / "run"))
+    run.resolve_recipe("tiny-cpu")
+    old = pa.table({"model": ["pretrained"], "mode": ["single"], "stride": pa.array([0], pa.int32()),
+                    "dataset": ["voc21"], "miou": [1.0], "seconds_per_image": [0.1],
+                    "images": pa.array([1], pa.int32())})
+    old = old.replace_schema_metadata({b"spar.stage": b"evaluate", b"spar.schema_version": b"1"})
+    (tmp_path / "run" / "manifests" / "evaluate").mkdir(parents=True)
+    pq.write_table(old, tmp_path / "run" / "manifests" / "evaluate" / "part-00000000000000000001-abcdef12.parquet")
+    with pytest.raises(evaluate.EvaluateError, match=r"v1.*reads evaluate v2.*aside and evaluate again"):
+        evaluate.run(run, {"voc21": str(_striped_voc(tmp_path))}, backbone=OneHot())
