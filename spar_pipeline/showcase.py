@@ -1,7 +1,8 @@
 """What ``spar-pipeline run`` shows at the end, from one held-out image the student never saw.
 
-- speed: seconds per image of the student single pass against the sliding-window teacher at the
-  recipe's strides (``evaluate.timing``: the paper's warm-up, then one timed pass);
+- speed: forward seconds of the student single pass against the sliding-window teacher at the
+  recipe's strides, timed as the paper does (``timing``: only the ViT forward passes of one
+  1024×2048 image, the recipe's warm-up passes, then one timed);
 - pictures: the PCA picture (teacher left, student right, one basis) and a segmentation overlay,
   written to ``RUN/reports/`` (uploaded there for object-store runs).
 
@@ -28,8 +29,9 @@ DEMO_CLASSES = ["background", "sky", "tree", "road", "building", "person", "car"
 
 
 def held_out_look(run: Run, *, classes: list[str] | None = None) -> dict[str, Any]:
-    """{"image_id", "size", "checkpoint", "seconds": {mode: s/image}, "pictures": {name: url}}."""
+    """{"image_id", "size", "checkpoint", "seconds": {mode: forward s}, "forward_size", "pictures": {name: url}}."""
     from spar_pipeline import augment, evaluate, pictures, weights
+    from spar_pipeline.timing import PAPER_SIZE, forward_seconds
     from spar_pipeline.train import plan
 
     recipe = run.recipe
@@ -41,12 +43,10 @@ def held_out_look(run: Run, *, classes: list[str] | None = None) -> dict[str, An
     checkpoint = "best" if run.exists(*evaluate.BEST) else "pretrained"
     teacher, student = weights.load_models(None, checkpoint, run)
 
-    warmup = recipe.evaluate.timing_warmup
-    seconds = {"single (student)": evaluate.timing(student, image, "single", None, warmup,
-                                                   window_batch=recipe.evaluate.window_batch)}
+    timed = dict(size=PAPER_SIZE, warmup=recipe.evaluate.timing_warmup, window_batch=recipe.evaluate.window_batch)
+    seconds = {"single (student)": forward_seconds(student, "single", **timed)}
     for stride in dict.fromkeys([recipe.extract.stride, *recipe.evaluate.strides]):
-        seconds[f"sliding s={stride} (teacher)"] = evaluate.timing(teacher, image, "sliding", stride, warmup,
-                                                                   window_batch=recipe.evaluate.window_batch)
+        seconds[f"sliding s={stride} (teacher)"] = forward_seconds(teacher, "sliding", stride, **timed)
 
     pictures = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -62,7 +62,7 @@ def held_out_look(run: Run, *, classes: list[str] | None = None) -> dict[str, An
         for name, out in outs.items():
             run.write_bytes_atomic(out.read_bytes(), "reports", out.name)
             pictures[name] = run.url_for("reports", out.name)
-    log.info("held-out image %d (%dx%d): %s", image_id, image.shape[1], image.shape[0],
-             ", ".join(f"{k} {v:.4f} s" for k, v in seconds.items()))
+    log.info("held-out image %d (%dx%d); forward seconds at %d×%d: %s", image_id, image.shape[1], image.shape[0],
+             *PAPER_SIZE, ", ".join(f"{k} {v:.4f} s" for k, v in seconds.items()))
     return {"image_id": image_id, "size": (int(image.shape[1]), int(image.shape[0])), "checkpoint": checkpoint,
-            "seconds": seconds, "pictures": pictures}
+            "seconds": seconds, "forward_size": PAPER_SIZE, "pictures": pictures}
