@@ -3,7 +3,7 @@ FLOPs, store bytes and hours on one H100. Writes bench/results/projection.json.
 
     python -m bench projection
 
-Sizes come from the recipe's own augmentation draw (SPAR_PROTOCOL §3, `augment.draw`) for
+Sizes come from the recipe's own augmentation draw (docs/reference.md, `augmentation.draw`) for
 image ids 1..25,000, assuming every SA-1B source is 2250×1500 (SA-1B's usual size; orientation
 does not change the window count). The FLOPs per window and per training forward are counted
 (FlopCounterMode); the measured efficiency comes from bench/results/flops.json when present.
@@ -46,7 +46,7 @@ def _store_ratios() -> dict[str, float]:
 
 
 def main(quick: bool = False) -> dict:
-    from spar_pipeline.augment import draw
+    from spar_pipeline.augmentation import draw
     from spar_pipeline.recipe import load_recipe
     from spar_pipeline.windows import count_windows
 
@@ -88,7 +88,7 @@ def main(quick: bool = False) -> dict:
         assumptions=dict(
             h100_peak_flops=H100_BF16_DENSE, assumed_gpu_efficiency=ASSUMED_GPU_EFFICIENCY,
             measured_cpu_efficiency_vs_matmul=measured,
-            source="every source 2250×1500; sizes from augment.draw (seed 0) for ids 1..25000",
+            source="every source 2250×1500; sizes from augmentation.draw (seed 0) for ids 1..25000",
             store=f"float16 [H/16, W/16, 768], default codec none; options at {ratios} of raw "
                   "(synthetic maps, bench/results/store.json)",
             train=f"{TRAIN_EPOCHS} epochs, single pass per image, backward through 2 of 12 blocks: forward × 4/3",

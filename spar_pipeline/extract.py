@@ -147,7 +147,7 @@ def extract_batch(spec: ExtractSpec, items: list[dict]) -> dict:
     ``items`` hold the merged ingest + augment rows of each image. Returns a small report
     for the client's progress display.
     """
-    from spar_pipeline.augment import augmented_from_rows
+    from spar_pipeline.augmentation import augmented_from_rows
     from spar_pipeline.store import FeatureStore, map_checksum
     from spar_pipeline.windows import sliding_features_many
 

@@ -30,7 +30,7 @@ DEMO_CLASSES = ["background", "sky", "tree", "road", "building", "person", "car"
 
 def held_out_look(run: Run, *, classes: list[str] | None = None) -> dict[str, Any]:
     """{"image_id", "size", "checkpoint", "seconds": {mode: forward s}, "forward_size", "pictures": {name: url}}."""
-    from spar_pipeline import augment, evaluate, pictures, weights
+    from spar_pipeline import augmentation, evaluate, pictures, weights
     from spar_pipeline.timing import PAPER_SIZE, forward_seconds
     from spar_pipeline.train import plan
 
@@ -39,7 +39,7 @@ def held_out_look(run: Run, *, classes: list[str] | None = None) -> dict[str, An
     if not held_out:
         return {}
     image_id = held_out[0].image_id
-    image = augment.augmented_image(run, image_id).permute(1, 2, 0).numpy()  # uint8 [H, W, 3]
+    image = augmentation.augmented_image(run, image_id).permute(1, 2, 0).numpy()  # uint8 [H, W, 3]
     checkpoint = "best" if run.exists(*evaluate.BEST) else "pretrained"
     teacher, student = weights.load_models(None, checkpoint, run)
 

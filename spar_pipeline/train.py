@@ -129,7 +129,7 @@ class PairDataset(torch.utils.data.Dataset):
         return self._store
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor, torch.Tensor]:
-        from spar_pipeline.augment import augmented_from_rows
+        from spar_pipeline.augmentation import augmented_from_rows
 
         it = self.items[i]
         img = augmented_from_rows(it.ingest_row, it.augment_row, self.max_pixels, self.storage_options)

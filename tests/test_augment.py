@@ -1,4 +1,4 @@
-"""augment: the §3 rules (hand-computed branches, statistics over 2000 draws), purity, pixels, resume."""
+"""augmentation + augment stage: the reference rules (branches by hand, 2000-draw stats), purity, pixels, resume."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from spar_pipeline import augment, manifest
-from spar_pipeline.augment import Draw, apply, augmented_image, draw
+from spar_pipeline.augmentation import Draw, apply, augmented_image, draw
 from spar_pipeline.recipe import load_recipe
 from spar_pipeline.run import Run
 
@@ -34,7 +34,7 @@ def _cfg(**changes):
     return dataclasses.replace(PAPER, **changes)
 
 
-# ---- hand-computed branches (numbers derived from SPAR_PROTOCOL §3) -------------------------
+# ---- hand-computed branches (numbers derived from the reference rules, docs/reference.md) ----------
 
 def test_upscale_branch_by_hand():
     # source 1000×1333 (h×w), r fixed at 0.3: target (int(2048·0.3), int(1024·0.3)) = (614, 307);
@@ -287,7 +287,7 @@ def test_augmented_image_is_apply_of_the_member(augmented, ingested):
 
 _CHILD = """
 import hashlib, json, sys
-from spar_pipeline.augment import augmented_image
+from spar_pipeline.augmentation import augmented_image
 out = {}
 for i in json.loads(sys.argv[2]):
     t = augmented_image(sys.argv[1], i)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from spar_pipeline import augment, extract, ingest, manifest
+from spar_pipeline import augment, augmentation, extract, ingest, manifest
 from spar_pipeline.backbones import build
 from spar_pipeline.run import Run
 from spar_pipeline.store import FeatureStore, StoreError
@@ -33,7 +33,7 @@ def _prepare(url: str, src: Path, n_tars=2, per_tar=4, recipe="tiny-cpu") -> Run
 def _teacher(run: Run, image_id: int) -> np.ndarray:
     r = run.recipe
     b = build(r.recipe.backbone, checkpoint=r.recipe.checkpoint or None).eval()
-    img = augment.augmented_image(run, image_id).float() / 255.0
+    img = augmentation.augmented_image(run, image_id).float() / 255.0
     x = ((img - torch.tensor(b.mean).view(3, 1, 1)) / torch.tensor(b.std).view(3, 1, 1))[None]
     with torch.no_grad():
         return sliding_features(b, x, window=r.extract.window, stride=r.extract.stride).numpy()
