@@ -4,6 +4,11 @@ Stage logic never knows where it runs; this module decides. A local cluster uses
 *processes* (one per GPU, each seeing only its own device through CUDA_VISIBLE_DEVICES, or N
 CPU workers), so the client never initialises CUDA. ``--scheduler`` attaches to a cluster whose
 workers were started elsewhere with ``dask worker tcp://HOST:8786 --resources GPU=1``.
+
+A task that raises a ``SparError`` (a weights digest that differs from the client's, a spec the
+worker cannot use) would fail the same way on every try: ``Engine.submit`` brings it back as a value
+instead of an error, so Dask does not retry it, and ``Engine.results`` fails the stage at once with
+its line. Other errors (a flaky read, a dead worker) keep Dask's retries.
 """
 
 from __future__ import annotations
@@ -12,7 +17,9 @@ import contextlib
 import logging
 import os
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Callable, Iterable, Iterator
+
+from spar_pipeline.errors import EndpointError, SparError, first_line
 
 __all__ = ["Engine", "open_engine", "worker_device"]
 
@@ -28,6 +35,35 @@ class Engine:
     @property
     def n_workers(self) -> int:
         return len(self.client.scheduler_info().get("workers", {}))
+
+    def submit(self, fn: Callable, *args: Any, retries: int = 0, **kwargs: Any) -> "distributed.Future":  # noqa: F821
+        """``fn(*args)`` on a worker with this engine's resources; ``retries`` apply to errors that may pass
+        (a SparError comes back as a value: retrying it would only repeat it)."""
+        return self.client.submit(_settled, fn, *args, resources=self.resources, retries=retries, **kwargs)
+
+    def results(self, futures: Iterable["distributed.Future"]) -> Iterator[Any]:  # noqa: F821
+        """Results of ``submit``ted tasks as they finish; the first SparError cancels the rest and is raised."""
+        from distributed import as_completed
+
+        futures = list(futures)
+        for fut in as_completed(futures):
+            out = fut.result()
+            if isinstance(out, _Failed):
+                self.client.cancel(futures)
+                raise out.error
+            yield out
+
+
+@dataclass
+class _Failed:
+    error: SparError
+
+
+def _settled(fn: Callable, *args: Any, **kwargs: Any) -> Any:
+    try:
+        return fn(*args, **kwargs)
+    except SparError as e:
+        return _Failed(e)
 
 
 def _cpu_threads(workers: int) -> str:
@@ -60,8 +96,12 @@ def open_engine(
     # A worker that dies mid-task makes the scheduler resubmit it elsewhere; allow a few deaths.
     with dask.config.set({"distributed.scheduler.allowed-failures": 3, "distributed.worker.daemon": False}):
         if scheduler:
-            client = Client(scheduler, timeout="30s")
+            client = _connect(Client, scheduler)
             info = client.scheduler_info().get("workers", {})
+            if not info:
+                client.close()
+                raise EndpointError(f"scheduler {scheduler} has no workers: the tasks would wait forever; start "
+                                    f"workers with `dask worker {scheduler}` (add --resources GPU=1 on GPU machines)")
             has_gpu = any(w.get("resources", {}).get("GPU") for w in info.values())
             try:
                 yield Engine(client, {"GPU": 1} if has_gpu else None, f"scheduler {scheduler} ({len(info)} workers)")
@@ -101,3 +141,16 @@ def open_engine(
         finally:
             client.close()
             cluster.close()
+
+
+def _connect(client_cls, scheduler: str):
+    """A client of ``scheduler``, or one line naming it. Dask retries the connection until its
+    ``distributed.comm.timeouts.connect`` (30 s by default) has passed."""
+    import dask
+
+    timeout = dask.config.get("distributed.comm.timeouts.connect", "30s")
+    try:
+        return client_cls(scheduler, timeout=timeout)
+    except (OSError, TimeoutError, ValueError, TypeError) as e:
+        raise EndpointError(f"--scheduler {scheduler}: no Dask scheduler answered within {timeout} ({first_line(e)})"
+                            ) from None

@@ -88,14 +88,14 @@ def _model(spec: ExtractSpec):
     if key not in _MODELS:
         import torch
 
-        from spar_pipeline.backbones import build
+        from spar_pipeline.backbones import BackboneError, build
 
         torch.set_float32_matmul_precision("medium")  # reference: fp32 matmul precision "medium"
         b = build(spec.backbone, checkpoint=spec.checkpoint or None).eval().to(_device())
         for p in b.parameters():
             p.requires_grad_(False)
         if b.weights_digest != spec.fingerprint["weights"]:
-            raise RuntimeError(
+            raise BackboneError(
                 f"worker {_worker_id()}: weights of {spec.backbone} differ from the client's "
                 f"({b.weights_digest} != {spec.fingerprint['weights']}); give every machine the same checkpoint"
             )
@@ -246,8 +246,6 @@ def _batches(items: list[dict], size: int) -> list[list[dict]]:
 
 def run(run: Run, *, gpus: list[int] | None = None, workers: int | None = None, scheduler: str | None = None,
         window_batch: int | None = None, limit: int | None = None, progress: bool = True) -> dict:
-    from distributed import as_completed
-
     from spar_pipeline.backbones import build
     from spar_pipeline.engine import open_engine
     from spar_pipeline.progress import StageProgress
@@ -276,13 +274,12 @@ def run(run: Run, *, gpus: list[int] | None = None, workers: int | None = None, 
     with open_engine(gpus, workers, scheduler) as engine:
         log.info("extract: %d images in %d batches on %s", len(items), len(batches), engine.description)
         futures = [
-            engine.client.submit(extract_batch, spec, b, resources=engine.resources, retries=recipe.extract.retries,
-                                 pure=False, key=f"extract-{b[0]['image_id']}-{uuid.uuid4().hex[:8]}")
+            engine.submit(extract_batch, spec, b, retries=recipe.extract.retries, pure=False,
+                          key=f"extract-{b[0]['image_id']}-{uuid.uuid4().hex[:8]}")
             for b in batches
         ]
         with StageProgress("extract", total=len(items), enabled=progress) as bar:
-            for fut in as_completed(futures):
-                rep = fut.result()
+            for rep in engine.results(futures):
                 for k in ("done", "rejected", "windows", "forward_seconds"):
                     totals[k] += rep[k]
                 totals["task_seconds"] += rep["seconds"]
