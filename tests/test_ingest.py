@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import tarfile
 import textwrap
 import time
 from pathlib import Path
@@ -268,3 +269,148 @@ def test_killed_ingest_rerun_matches_an_uninterrupted_one(tmp_path):
     assert sorted(_rows(killed).values(), key=key) == sorted(_rows(clean).values(), key=key)
     tars = lambda r: sorted(manifest.read_manifest(r, "tars").to_pylist(), key=lambda t: t["source"])  # noqa: E731
     assert tars(killed) == tars(clean)
+
+
+# ---- image folders, WebDataset shards, benchmark train splits ----------------------------------------------
+def test_folder_rows_are_read_in_place_and_reingesting_adds_nothing(tmp_path):
+    from _image_sources import image_folder
+
+    from spar_pipeline.ingest_rows import STABLE_BASE
+
+    paths = image_folder(tmp_path / "photos", 5)
+    run = _run(tmp_path / "run")
+    report = ingest.run(run, [str(tmp_path / "photos")])
+    rows = list(_rows(run).values())
+    assert report["ok"] == 5 and report["images"] == 5 and len(rows) == 5
+    by_member = {r["member"]: r for r in rows}
+    assert sorted(by_member) == ["img_000.jpg", "img_002.webp", "img_004.png", "sub/img_001.png", "sub/img_003.jpg"]
+    for path in paths:
+        r = by_member[str(path.relative_to(tmp_path / "photos"))]
+        assert r["image_id"] >= STABLE_BASE and r["source"] == str(path) and r["offset"] == 0
+        assert read_member(r["source"], r["offset"], r["size"]) == path.read_bytes()
+        assert r["checksum"] == hashlib.sha256(path.read_bytes()).hexdigest()[:32]
+        assert (r["width"], r["height"]) == SMALL and r["status"] == "ok"
+    parts = _parts(run)
+    again = ingest.run(run, [str(tmp_path / "photos" / "**" / "*.*"), str(paths[0])])  # the same files, otherwise named
+    assert again["ok"] == 0 and again["skipped_images"] == 5 and _parts(run) == parts
+    image_folder(tmp_path / "photos", 2, start=5)  # the folder grows: only the new files are read
+    assert ingest.run(run, [str(tmp_path / "photos")])["ok"] == 2 and len(_rows(run)) == 7
+
+
+def test_sources_never_collide_and_sa1b_keeps_its_ids(tmp_path):
+    from _image_sources import image_folder, wds_shard
+
+    image_folder(tmp_path / "a", 3)
+    image_folder(tmp_path / "b", 3)  # the same names and bytes elsewhere: other images
+    wds_shard(tmp_path / "shards" / "shard-0.tar", 3)
+    wds_shard(tmp_path / "shards" / "shard-1.tar", 3)  # the same keys in another shard
+    tar = make_sa1b_tar(tmp_path / "sa_000000.tar", [7, 8], size=SMALL)
+    run = _run(tmp_path / "run")
+    report = ingest.run(run, [str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "shards"), str(tar)])
+    rows = _rows(run)
+    assert report["ok"] == 14 and report["duplicates"] == 0 and len(rows) == 14
+    assert rows[7]["source"] == str(tar) and rows[8]["member"] == "sa_8.jpg"
+    assert len({(r["source"], r["member"]) for r in rows.values()}) == 14
+
+
+def test_webdataset_shards_group_samples_and_resume_like_sa1b_tars(tmp_path):
+    from _image_sources import wds_shard
+
+    shard = wds_shard(tmp_path / "shards" / "train-000.tar", 4)
+    run = _run(tmp_path / "run")
+    report = ingest.run(run, [str(tmp_path / "shards" / "*.tar")])
+    rows = sorted(_rows(run).values(), key=lambda r: r["member"])
+    assert report["ok"] == 4 and [r["member"] for r in rows] == ["000000.jpg", "000001.png", "000002.webp", "000003.jpg"]
+    with tarfile.open(shard) as tf:
+        truth = {m.name: tf.extractfile(m).read() for m in tf.getmembers()}
+    assert all(r["source"] == str(shard) and read_member(r["source"], r["offset"], r["size"]) == truth[r["member"]]
+               for r in rows)
+    assert manifest.read_manifest(run, "tars").to_pylist() == [dict(source=str(shard), images=4, ignored=8, error="")]
+    assert ingest.run(run, [str(shard)])["skipped_tars"] == 1
+
+
+def test_s3_folder_and_webdataset_shard(s3_bucket, tmp_path):
+    import fsspec
+    from _image_sources import image_folder, wds_shard
+
+    image_folder(tmp_path / "imgs", 3)
+    wds_shard(tmp_path / "wds" / "shard.tar", 2)
+    fs = fsspec.filesystem("s3", client_kwargs={"endpoint_url": os.environ["AWS_ENDPOINT_URL"]})
+    fs.put(str(tmp_path / "imgs"), f"{s3_bucket}/imgs", recursive=True)
+    fs.put(str(tmp_path / "wds" / "shard.tar"), f"{s3_bucket}/wds/shard.tar")
+    run = _run(f"{s3_bucket}/run")
+    report = ingest.run(run, [f"{s3_bucket}/imgs", f"{s3_bucket}/wds/*.tar"])
+    rows = _rows(run).values()
+    assert report["ok"] == 5 and {r["source"].rsplit("/", 1)[0] for r in rows} == {
+        f"{s3_bucket}/imgs", f"{s3_bucket}/imgs/sub", f"{s3_bucket}/wds"}
+    assert all(hashlib.sha256(read_member(r["source"], r["offset"], r["size"])).hexdigest()[:32] == r["checksum"]
+               for r in rows)
+    assert ingest.run(run, [f"{s3_bucket}/imgs", f"{s3_bucket}/wds"])["ok"] == 0
+
+
+def test_benchmark_train_splits_by_name(tmp_path):
+    from _image_sources import train_splits
+
+    from spar_pipeline.errors import DatasetError
+
+    roots = train_splits(tmp_path / "data", n=2)
+    run = _run(tmp_path / "run")
+    report = ingest.run(run, [], datasets=[f"{name}={root}" for name, root in roots.items()])
+    members = sorted(r["member"] for r in _rows(run).values())
+    assert report["ok"] == 6 and [m.split("/")[0] for m in members] == ["ade20k"] * 2 + ["cityscapes"] * 2 + ["voc"] * 2
+    assert "cityscapes/leftImg8bit/train/lindau/lindau_000001_000019_leftImg8bit.png" in members
+    assert not any("annotations" in m or "gtFine" in m or "Segmentation" in m for m in members)  # labels unused
+    for bad, why in [("coco=/x", "unknown benchmark 'coco'; choose from ade20k, cityscapes, voc"),
+                     ("ade20k", "expected NAME=PATH"), (f"voc={tmp_path}", "no image folder at")]:
+        with pytest.raises(DatasetError, match=why) as e:
+            ingest.run(run, [], datasets=[bad])
+        assert len(str(e.value).splitlines()) == 1
+
+
+def test_sample_is_seeded_nested_and_stable_as_sources_grow(tmp_path):
+    from _image_sources import image_folder
+
+    image_folder(tmp_path / "photos", 24)
+    make_sa1b_source(tmp_path / "sa", n_tars=2, per_tar=6, size=SMALL)
+    sources = [str(tmp_path / "photos"), str(tmp_path / "sa")]
+
+    def sample(name: str, n: int, seed: int, srcs=sources) -> set:
+        run = _run(tmp_path / name)
+        ingest.run(run, srcs, sample=n, seed=seed)
+        return set(_rows(run))
+
+    ten, twenty, other, every = sample("ten", 10, 1), sample("twenty", 20, 1), sample("other", 10, 2), sample("all", 99, 1)
+    assert len(ten) == 10 and len(twenty) == 20 and ten < twenty and other != ten and len(every) == 36
+    assert any(i < 100 for i in twenty) and any(i > 100 for i in twenty)  # SA-1B ids and stable ids in one ranking
+    run = _run(tmp_path / "ten")
+    assert ingest.run(run, sources, sample=10, seed=1)["ok"] == 0  # resume: the same sample, nothing new
+    image_folder(tmp_path / "photos", 24, start=24)  # the collection doubles
+    grown = sample("grown", 10, 1)
+    assert len(grown) == 10 and grown & every <= ten  # an old image kept now was kept before
+    report = ingest.run(run, sources, sample=10, seed=1)  # the grown sample into the first run: old rows stay
+    assert report["ok"] == len(grown - ten) and set(_rows(run)) == ten | grown
+    sa_taken = {i for i in _rows(run) if i < 100}
+    assert ingest.run(run, [str(tmp_path / "sa")])["ok"] == 12 - len(sa_taken)  # sampled tars are not "done"
+
+
+@pytest.mark.slow
+def test_image_folder_through_augment_extract_and_train(tmp_path):
+    """End to end on tiny-cpu: a folder of jpg/png/webp files becomes a trained student."""
+    import math
+
+    from _image_sources import image_folder
+
+    from spar_pipeline import augment, extract, train
+
+    image_folder(tmp_path / "photos", 6, size=(96, 64))
+    r = load_recipe("tiny-cpu")
+    r = dataclasses.replace(r, ingest=dataclasses.replace(r.ingest, workers=1),
+                            train=dataclasses.replace(r.train, epochs=1, loader_workers=0, holdout_fraction=0.2))
+    run = Run(str(tmp_path / "run"))
+    run.resolve_recipe(r)
+    assert ingest.run(run, [str(tmp_path / "photos")])["ok"] == 6
+    assert augment.run(run)["done"] == 6
+    assert extract.run(run, workers=1, progress=False)["done"] == 6
+    report = train.run(run, processes=1, progress=False)
+    assert report["train_images"] + report["val_images"] == 6 and report["steps_this_run"] == report["train_images"]
+    assert math.isfinite(report["val_mse"]) and manifest.read_manifest(run, "train").num_rows == 1

@@ -220,3 +220,79 @@ def test_run_kind(tmp_path, augmented, caplog, kind):
         assert not any(FeatureStore.open(run.url_for("features.zarr")).exists(i["image_id"]) for i in items)
         return
     assert len(str(e.value).splitlines()) == 1  # one clear line
+
+
+# ---- image folders and WebDataset shards --------------------------------------------------------------
+# kind -> the reason a user reads, once, naming the file or sample; the row is rejected (a repeated key:
+# the first sample is kept), the other images come through
+SOURCE_KINDS: dict[str, str] = {
+    "broken_link_in_folder": "not a regular file",
+    "fifo_in_folder": "not a regular file",  # never opened: a read would block
+    "garbage_file_in_folder": "not an image",
+    "webdataset_sample_without_image": "sample has no jpg/jpeg/png/webp member (000009.cls, 000009.txt)",
+    "webdataset_repeated_key": "repeated sample keys",
+    "file_gone_before_extract": "gone or unreadable since ingest",
+}
+
+
+def test_source_kinds_are_new_kinds():
+    assert len(SOURCE_KINDS) == 6 and not set(SOURCE_KINDS) & (set(IMAGE_KINDS) | set(TAR_KINDS) | set(RUN_KINDS))
+
+
+def _source_case(kind: str, src: Path) -> tuple[str, str]:
+    """Writes the case under ``src``; returns (the SOURCE to ingest, the name the line must carry)."""
+    import os
+
+    from _image_sources import image_bytes, image_folder, wds_shard, wds_tar
+
+    if kind.startswith("webdataset"):
+        shard = wds_shard(src / "shard-000000.tar", 3)
+        with tarfile.open(shard) as tf:
+            members = {m.name: tf.extractfile(m).read() for m in tf.getmembers()}
+        samples = [(k, {e: members[f"{k}.{e}"] for e in exts}) for k, exts in
+                   [("000000", ["jpg", "cls"]), ("000001", ["png", "cls"]), ("000002", ["webp", "cls"])]]
+        if kind == "webdataset_sample_without_image":
+            samples.insert(1, ("000009", {"cls": b"1", "txt": b"no picture"}))
+        else:
+            samples.append(("000001", {"jpg": image_bytes(99)}))  # the key again, after another sample
+        wds_tar(shard, samples)
+        return str(src), "shard-000000.tar"
+    image_folder(src, 3)
+    bad = src / "sub" / "bad.jpg"
+    if kind == "broken_link_in_folder":
+        bad.symlink_to(src / "nowhere.jpg")
+    elif kind == "fifo_in_folder":
+        os.mkfifo(bad)
+    elif kind in ("garbage_file_in_folder", "file_gone_before_extract"):
+        bad.write_bytes(b"<html>403</html>" if kind.startswith("garbage") else image_bytes(5))
+    else:
+        raise AssertionError(kind)
+    return str(src), str(bad)
+
+
+@pytest.mark.parametrize("kind", [pytest.param(k, marks=pytest.mark.slow) if k.endswith("before_extract") else k
+                                  for k in SOURCE_KINDS])
+def test_source_kind(tmp_path, recipe, caplog, capfd, kind):
+    source, name = _source_case(kind, tmp_path / "src")
+    run = Run(str(tmp_path / "run"))
+    run.resolve_recipe(str(recipe))
+    want = SOURCE_KINDS[kind]
+    with caplog.at_level(logging.WARNING):
+        report = ingest.run(run, [source])
+        if kind == "file_gone_before_extract":
+            augment.run(run)
+            Path(name).unlink()
+            extract.run(run, workers=1, progress=False)
+    stage = "extract" if kind == "file_gone_before_extract" else "ingest"
+    rows = manifest.read_manifest(run, stage).to_pylist()
+    bad = [r for r in rows if r["status"] != "ok"]
+    if kind == "webdataset_repeated_key":
+        assert not bad and report["ok"] == 3  # the first sample of the key kept
+        first = next(r for r in rows if r["member"].startswith("000001."))
+        assert first["member"] == "000001.png"
+    else:
+        assert len(bad) == 1 and want in bad[0]["reason"] and len(rows) == 4, rows  # rejected, the rest go on
+        assert sum(r["status"] == "ok" for r in rows) == 3
+    logged = caplog.messages + capfd.readouterr().err.splitlines()  # extract logs in its worker process
+    lines = [m for m in logged if want in m]
+    assert len(lines) == 1 and name in lines[0], logged  # one line, naming the file or shard
