@@ -414,3 +414,20 @@ def test_image_folder_through_augment_extract_and_train(tmp_path):
     report = train.run(run, processes=1, progress=False)
     assert report["train_images"] + report["val_images"] == 6 and report["steps_this_run"] == report["train_images"]
     assert math.isfinite(report["val_mse"]) and manifest.read_manifest(run, "train").num_rows == 1
+
+
+def test_command_line_takes_folders_datasets_and_a_sample(tmp_path):
+    from _image_sources import image_folder, train_splits
+
+    image_folder(tmp_path / "photos", 6)
+    roots = train_splits(tmp_path / "data", n=2)
+    exe = str(Path(sys.executable).with_name("spar-pipeline"))
+    args = [exe, "ingest", str(tmp_path / "photos"), "--dataset", f"ade20k={roots['ade20k']}", "--dataset",
+            f"voc={roots['voc']}", "--sample", "5", "--seed", "3", "--run", str(tmp_path / "run"), "--recipe", "tiny-cpu"]
+    out = subprocess.run(args, capture_output=True, text=True, env=dict(os.environ, COLUMNS="200"), timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "--sample 5 --seed 3: 5 of 10 candidate image(s)" in out.stderr
+    assert len(_rows(Run(str(tmp_path / "run")))) == 5
+    bad = subprocess.run(args[:2] + ["--dataset", "coco=/x", "--run", str(tmp_path / "run")], capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode == 2 and "unknown benchmark 'coco'" in bad.stderr and "Traceback" not in bad.stderr

@@ -28,29 +28,37 @@ def _links(links: Optional[str], tars: Optional[str]) -> Optional[list[str]]:
 
 @app.command()
 def ingest(
-    sources: List[str] = typer.Argument(None, help="SA-1B tars: paths, globs, folders, fsspec URLs."),
+    sources: List[str] = typer.Argument(None, help="Tars (SA-1B sa_NNNNNN.tar, or WebDataset shards), image files "
+                                        "(jpg/png/webp), folders (searched recursively), globs; paths or fsspec URLs."),
     run: str = RunOpt,
     recipe: Optional[str] = RecipeOpt,
     max_id: Optional[int] = MaxIdOpt,
     limit: Optional[int] = Count(None, help="Stop after about N new images."),
     links: Optional[str] = typer.Option(None, help="Official SA-1B links file (file_name<TAB>url)."),
     tars: Optional[str] = TarsOpt,
+    dataset: List[str] = typer.Option([], "--dataset", help="NAME=PATH (repeatable): the train split of ade20k, "
+                                      "cityscapes or voc in its mmseg layout (labels unused)."),
+    sample: Optional[int] = Count(None, help="Keep a seeded subset of N images of all the sources (nested in a "
+                                  "larger N, stable as the sources grow)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of --sample."),
     storage_options: Optional[str] = StorageOpt,
 ) -> None:
-    """Index SA-1B tars in place and validate every image.
+    """Index tars and image files in place and validate every image.
 
-    Reads: the tars (never extracted). Writes: RUN/manifests/ingest/ (one row per image: tar, byte
-    offset, size, checksum, status). Resume: tars already in the manifest are skipped.
+    Reads: the tars (never extracted) and image files. Writes: RUN/manifests/ingest/ (one row per
+    image: its tar or file, byte offset, size, checksum, status). Resume: tars and files already in
+    the manifest are skipped; a grown folder adds only its new files.
     """
     with reporting():
         from spar_pipeline import ingest as stage
 
         tar_names = _links(links, tars)
-        if not sources and not links:
-            raise OptionError("give SA-1B tars (paths, globs, folders, URLs) or --links FILE --tars NAMES")
+        if not sources and not links and not dataset:
+            raise OptionError("give tars, image files, folders or globs (paths or URLs), --dataset NAME=PATH, "
+                              "or --links FILE --tars NAMES")
         r = open_run(run, recipe, storage_options)
-        report = stage.run(r, list(sources or []), links=links, tars=tar_names, max_id=max_id, limit=limit,
-                           storage_options=r.storage_options)
+        report = stage.run(r, list(sources or []), links=links, tars=tar_names, datasets=list(dataset), sample=sample,
+                           seed=seed, max_id=max_id, limit=limit, storage_options=r.storage_options)
         console.print(f"ingest: {report}")
 
 
