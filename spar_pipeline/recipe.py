@@ -111,6 +111,9 @@ class TrainConfig:
     lr: float = field(metadata=_check(lambda v: None if v > 0 else "must be > 0"))
     weight_decay: float = field(metadata=_check(_non_negative))
     batch_size: int = field(metadata=_check(_positive))  # per device; the method uses 1
+    # images per optimizer step (the effective batch): each of P processes accumulates images_per_step / P
+    # micro-steps of one image, so 1, 2 or 4 devices take the same steps; P must divide it (reference: 2)
+    images_per_step: int = field(metadata=_check(_positive))
     trainable: str  # set_trainable spec, e.g. "blk_-1,blk_-2"
     precision: str = field(metadata=_check(_choice("fp16", "bf16", "fp32")))  # autocast dtype on GPU
     holdout_fraction: float = field(metadata=_check(_probability))  # images never trained on

@@ -5,10 +5,12 @@ held-out slice (``holdout_fraction``, drawn from (seed, image id)) that is never
 gives ``val_mse`` each epoch, and ``baseline_val_mse`` once, before the first step. The student
 is the recipe's backbone with ``set_trainable(spec)``; it sees the whole augmented image in one
 pass and regresses the teacher map with MSE over all elements. AdamW over the trainable
-parameters, constant LR, batch size 1 per device; fp16 (grad scaler) or bf16 autocast on GPU,
-float32 on CPU. ``gpus=[0, 1]`` (or ``processes=2`` on CPU, gloo) runs DDP, one process per
-device; step ``s`` of an epoch on rank ``r`` trains image ``order[s·world + r]``, so the images
-consumed after ``s`` steps are always a prefix of the epoch order.
+parameters, constant LR, one image per micro-step and ``[train].images_per_step`` images per
+optimizer step (gradients accumulate, so 1, 2 or 4 devices take the same steps); fp16 (grad
+scaler) or bf16 autocast on GPU, float32 on CPU. ``gpus=[0, 1]`` (or ``processes=2`` on CPU,
+gloo) runs DDP, one process per device; micro-step ``m`` of an epoch on rank ``r`` trains image
+``order[m·world + r]``, so the images consumed after ``k`` optimizer steps are always the first
+``k·images_per_step`` of the epoch order.
 
 Resume goes through ``Trainer.state_dict`` and the :class:`~spar_pipeline.checkpoint.Checkpointer`
 (interval, retention, atomic writes). At each epoch end rank 0 saves the epoch checkpoint, then
@@ -76,10 +78,13 @@ def epoch_order(ids: list[int], seed: int, epoch: int) -> list[int]:
     return [ids[i] for i in rng.permutation(len(ids))]
 
 
-def rank_share(order: list[int], rank: int, world: int) -> list[int]:
-    """Rank ``rank``'s images: ``order[s·world + rank]`` for each step ``s``; the tail that does
-    not fill a step on every rank is left out this epoch (the next epoch shuffles anew)."""
-    return [order[s * world + rank] for s in range(len(order) // world)]
+def rank_share(order: list[int], rank: int, world: int, images_per_step: int | None = None) -> list[int]:
+    """Rank ``rank``'s images: ``order[m·world + rank]`` for each of its micro-steps ``m``, so
+    optimizer step ``k`` trains ``order[k·E:(k+1)·E]`` (E = ``images_per_step``, default ``world``)
+    whatever ``world`` divides E; the tail that does not fill an optimizer step is left out this
+    epoch (the next epoch shuffles anew)."""
+    per_step = images_per_step or world
+    return [order[m * world + rank] for m in range(len(order) // per_step * per_step // world)]
 
 
 @dataclass(frozen=True)
@@ -163,6 +168,7 @@ class TrainSpec:
     checkpoint: str
     trainable: str
     epochs: int
+    images_per_step: int
     lr: float
     weight_decay: float
     precision: str
@@ -194,7 +200,7 @@ class Trainer:
         self.run = Run(spec.url, spec.storage_options)
         self.student = Student(build(spec.backbone, spec.checkpoint or None), spec.trainable, lr=spec.lr,
                                weight_decay=spec.weight_decay, precision=spec.precision, device=self.device,
-                               ddp=world > 1)
+                               accumulate=spec.images_per_step // world, ddp=world > 1)
         self.model, self.n_trainable = self.student.model, self.student.n_trainable
         self.checkpointer = Checkpointer(self.run, self.state_dict, every=spec.checkpoint_every,
                                          keep_latest_k=spec.keep_latest_k, enabled=rank == 0)
@@ -239,7 +245,8 @@ class Trainer:
         return dict(
             **self.student.state_dict(),  # model (trainable weights), optimizer, scaler
             rng=dict(torch=torch.get_rng_state(), cuda=cuda, numpy=np.random.get_state(), python=random.getstate()),
-            progress=dict(epoch=self.epoch, position=self.position, step=self.step, world=self.world),
+            progress=dict(epoch=self.epoch, position=self.position, step=self.step, world=self.world,
+                          images_per_step=self.spec.images_per_step),
             epoch_acc=dict(loss_sum=loss_sum, loss_steps=int(loss_steps), seconds=self.epoch_seconds,
                            wait=self.epoch_wait),
             metrics=dict(baseline_val_mse=self.baseline_val_mse, best_val_mse=self.best_val_mse,
@@ -257,6 +264,11 @@ class Trainer:
         if data["train_ids"] != _digest(self.train_ids):
             raise TrainError(f"the training images changed since the checkpoint ({data['n_train']} then, "
                              f"{len(self.train_ids)} now); finish extract before training, or --no-resume")
+        prog = state["progress"]
+        per_step = prog.get("images_per_step", prog["world"])  # before images_per_step: one image per process
+        if per_step != self.spec.images_per_step:
+            raise TrainError(f"the checkpoint trains with images_per_step={per_step}, this run asks for "
+                             f"{self.spec.images_per_step}; use the same, or --no-resume to start over")
         self.student.load_state_dict(state)
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
@@ -264,9 +276,9 @@ class Trainer:
             torch.cuda.set_rng_state_all(rng["cuda"])
         np.random.set_state(rng["numpy"])
         random.setstate(rng["python"])
-        prog = state["progress"]
         self.epoch, self.step = prog["epoch"], prog["step"]
-        # The epoch prefix consumed so far is position·world images; re-cut it for this world size.
+        # The epoch prefix consumed so far is position·world images (whole optimizer steps, so any world
+        # that divides images_per_step re-cuts it exactly); re-cut it for this world size.
         self.position = prog["position"] * prog["world"] // self.world
         if prog["position"] * prog["world"] % self.world:
             log.warning("resuming with %d processes instead of %d: %d image(s) of epoch %d are trained again",
@@ -295,11 +307,13 @@ class Trainer:
                 clock = time.perf_counter()
                 with contextlib.closing(self.batches(epoch)) as batches:  # closing stops the loader workers
                     for _image_id, img, teacher in batches:
-                        loss = self.train_step(img, teacher)
+                        loss, stepped = self.student.train_step(img, teacher)
                         self.loss_sum += loss
                         self.loss_steps += 1
-                        self.step += 1
                         self.position += 1
+                        if not stepped:  # gradients accumulate until images_per_step images are in
+                            continue
+                        self.step += 1
                         self.run_steps += 1
                         self.checkpointer.save(self.step)
                         clock = self._tick(clock)
@@ -308,13 +322,14 @@ class Trainer:
                             return self.report(stopped=True)  # as a crash would: no further checkpoint
                 self.end_epoch(epoch)
                 bar.epoch_done()
-        if self.rank == 0:  # steps of all ranks, for status's throughput
-            manifest.record_invocation(self.run, "train", started, self.run_steps * self.world)
+        if self.rank == 0:  # images of all ranks, for status's throughput
+            manifest.record_invocation(self.run, "train", started, self.run_steps * self.spec.images_per_step)
         return self.report()
 
     def batches(self, epoch: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         """This rank's share of the epoch from the current position; times the waits for data."""
-        share = rank_share(epoch_order(self.train_ids, self.spec.seed, epoch), self.rank, self.world)
+        order = epoch_order(self.train_ids, self.spec.seed, epoch)
+        share = rank_share(order, self.rank, self.world, self.spec.images_per_step)
         self.seen = share[: self.position]
         self.train_sampler.indices = [self.train_index[i] for i in share[self.position:]]
         it = iter(self.train_loader)
@@ -336,9 +351,6 @@ class Trainer:
         self.epoch_seconds += now - clock
         self.run_seconds += now - clock
         return now
-
-    def train_step(self, img: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        return self.student.train_step(img, teacher)[0]
 
     @torch.no_grad()
     def validate(self) -> float:
@@ -422,6 +434,7 @@ class Trainer:
     def report(self, stopped: bool = False) -> dict[str, Any]:
         return dict(
             step=self.step, epoch=self.epoch, steps_this_run=self.run_steps, stopped=stopped, world=self.world,
+            images_per_step=self.spec.images_per_step,
             train_images=len(self.train_ids), val_images=len(self.spec.val_items), trainable=self.n_trainable,
             baseline_val_mse=self.baseline_val_mse, val_mse=self.last_val_mse,
             best_val_mse=None if math.isinf(self.best_val_mse) else self.best_val_mse,
@@ -437,7 +450,7 @@ class _Progress:
 
     def __init__(self, trainer: Trainer, enabled: bool):
         self.t, self.enabled = trainer, enabled
-        self.total = trainer.spec.epochs * (len(trainer.train_ids) // trainer.world)
+        self.total = trainer.spec.epochs * (len(trainer.train_ids) // trainer.spec.images_per_step)
         self._loss = None
 
     def __enter__(self) -> "_Progress":
@@ -501,20 +514,30 @@ def _rank_main(rank: int, spec: TrainSpec, port: int, results) -> None:
 
 def run(run: Run, *, gpus: list[int] | None = None, epochs: int | None = None, trainable: str | None = None,
         resume: bool = True, processes: int | None = None, progress: bool = True,
-        stop_after_steps: int | None = None) -> dict:
+        stop_after_steps: int | None = None, images_per_step: int | None = None) -> dict:
     """CLI ``train``. ``gpus``: one DDP process per listed GPU (NCCL); otherwise ``processes`` CPU
-    processes (gloo, default 1). ``resume`` continues from the newest intact checkpoint; off, the
-    run's checkpoints and train manifest are cleared first. ``stop_after_steps`` stops after that
-    many steps of this call as a crash would (no final checkpoint): for tests and benchmarks."""
+    processes (gloo, default 1); their count must divide ``[train].images_per_step`` (the default
+    GPU list is cut to the largest count that does). ``resume`` continues from the newest intact
+    checkpoint; off, the run's checkpoints and train manifest are cleared first. ``stop_after_steps``
+    stops after that many optimizer steps of this call as a crash would (no final checkpoint): for
+    tests and benchmarks. ``epochs``, ``trainable``, ``images_per_step`` override the recipe."""
     recipe = run.recipe
     cfg = recipe.train
+    per_step = images_per_step or cfg.images_per_step
     if cfg.batch_size != 1:
         raise TrainError(f"[train].batch_size={cfg.batch_size}: the method trains with batch size 1 per device "
-                         "(images differ in size); set it to 1 and use more GPUs for a larger effective batch")
+                         "(images differ in size); set it to 1 and use images_per_step for a larger effective batch")
+    if per_step < 1:
+        raise TrainError(f"images_per_step={per_step}: must be ≥ 1")
     if not gpus and processes is None:
         from spar_pipeline.devices import default_gpus
 
         gpus = list(default_gpus()) or None  # a GPU machine trains on its GPUs unless told --processes N
+        if gpus and per_step % len(gpus):
+            n = max(d for d in range(1, len(gpus) + 1) if per_step % d == 0)
+            log.info("train: %d of this machine's %d GPUs (the largest count dividing images_per_step=%d)",
+                     n, len(gpus), per_step)
+            gpus = gpus[:n]
     if gpus:
         if not torch.cuda.is_available() or max(gpus) >= torch.cuda.device_count():
             raise TrainError(f"--gpus {','.join(map(str, gpus))}: this machine has {torch.cuda.device_count()} "
@@ -524,13 +547,19 @@ def run(run: Run, *, gpus: list[int] | None = None, epochs: int | None = None, t
         world = processes or 1
     if world < 1:
         raise TrainError(f"processes={processes}: must be ≥ 1")
+    if per_step % world:
+        divisors = [d for d in range(1, per_step + 1) if per_step % d == 0]
+        raise TrainError(f"{world} {'GPUs' if gpus else 'processes'} do not divide [train].images_per_step="
+                         f"{per_step}: use {' or '.join(map(str, divisors))} (each process accumulates "
+                         "images_per_step / processes images per optimizer step)")
     train_items, val_items = plan(run)
-    if len(train_items) < world:
-        raise TrainError(f"{len(train_items)} training image(s) for {world} processes; use fewer processes")
+    if len(train_items) < per_step:
+        raise TrainError(f"{len(train_items)} training image(s) for images_per_step={per_step}: "
+                         "not one optimizer step; add images or lower images_per_step")
     spec = TrainSpec(
         url=run.url, storage_options=run.storage_options, backbone=recipe.recipe.backbone,
         checkpoint=recipe.recipe.checkpoint, trainable=trainable or cfg.trainable, epochs=epochs or cfg.epochs,
-        lr=cfg.lr, weight_decay=cfg.weight_decay, precision=cfg.precision, checkpoint_every=cfg.checkpoint_every,
+        images_per_step=per_step, lr=cfg.lr, weight_decay=cfg.weight_decay, precision=cfg.precision, checkpoint_every=cfg.checkpoint_every,
         loader_workers=cfg.loader_workers, seed=recipe.recipe.seed, max_pixels=recipe.ingest.max_pixels,
         train_items=train_items, val_items=val_items, gpus=tuple(gpus) if gpus else None, world=world,
         progress=progress, stop_after_steps=stop_after_steps, log_level=logging.getLogger().getEffectiveLevel(),
@@ -547,8 +576,8 @@ def run(run: Run, *, gpus: list[int] | None = None, epochs: int | None = None, t
         if run.exists("manifests", "train"):
             run.fs.rm(run.path("manifests", "train"), recursive=True)
         log.info("train: resume off: %d checkpoint(s) and the train manifest cleared", n)
-    log.info("train: %d training and %d held-out images, %d process(es) on %s", len(train_items), len(val_items),
-             world, f"GPUs {spec.gpus}" if gpus else "CPU")
+    log.info("train: %d training and %d held-out images, %d process(es) on %s, %d image(s) per optimizer step",
+             len(train_items), len(val_items), world, f"GPUs {spec.gpus}" if gpus else "CPU", per_step)
     if world == 1:
         if gpus:
             torch.cuda.set_device(gpus[0])

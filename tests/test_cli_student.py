@@ -59,6 +59,14 @@ def test_train_errors_are_one_line(trained, tmp_path):
     assert out.returncode == 2 and "Traceback" not in out.stderr and "blk_99" in out.stderr
 
 
+def test_train_refuses_processes_that_do_not_divide_images_per_step(trained):
+    run, _ = trained  # tiny-cpu: images_per_step = 1
+    out = cli("train", "--run", run, "--processes", "2", check=False)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and "Traceback" not in out.stderr and len(lines) == 1, out.stderr
+    assert "images_per_step=1" in lines[0] and "2 processes" in lines[0]
+
+
 def test_evaluate_compares_models_and_modes(trained):
     run, tmp = trained
     data = make_synthetic("cityscapes", tmp / "data", n=2, size=(64, 128))

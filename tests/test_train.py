@@ -15,6 +15,7 @@ import torch
 from spar_pipeline import augment, extract, ingest, manifest, train
 from spar_pipeline.backbones import build
 from spar_pipeline.checkpoint import Checkpointer, CheckpointError, decode_state, encode_state
+from spar_pipeline.errors import TrainError
 from spar_pipeline.resources import stages_dir
 from spar_pipeline.run import Run
 from spar_pipeline.mini.sa1b_writer import make_sa1b_source
@@ -197,9 +198,15 @@ def test_damaged_checkpoint_falls_back_to_previous(trained, tmp_path, caplog):
         train.run(run, progress=False)
 
 
-def test_ddp_two_processes_gloo(prepared, tmp_path):
-    run = _copy(prepared, tmp_path / "run")
-    report = train.run(run, processes=2, epochs=1, progress=False)
+@pytest.fixture(scope="module")
+def two_processes(prepared, tmp_path_factory):
+    """2-process DDP (gloo), one image each per optimizer step: images_per_step = 2."""
+    run = _copy(prepared, tmp_path_factory.mktemp("ddp") / "run")
+    return run, train.run(run, processes=2, epochs=1, progress=False, images_per_step=2)
+
+
+def test_ddp_two_processes_gloo(two_processes):
+    run, report = two_processes
     n_train, n_val = report["train_images"], report["val_images"]
     assert report["world"] == 2 and report["step"] == n_train // 2
     shares = report["shares"]
@@ -210,3 +217,41 @@ def test_ddp_two_processes_gloo(prepared, tmp_path):
     rows = manifest.read_manifest(run, "train").to_pylist()
     assert len(rows) == 1 and rows[0]["step"] == n_train // 2 and np.isfinite(rows[0]["val_mse"])
     assert build("tiny-siglip", checkpoint=run.path("checkpoints", "best.safetensors")) is not None
+
+
+def test_one_process_accumulating_equals_two_processes(two_processes, prepared, tmp_path):
+    """images_per_step = 2 on one process (two micro-steps per optimizer step) takes the optimizer
+    steps of two processes at one image each: same images per step, same weights, same losses."""
+    ddp_run, ddp = two_processes
+    run = _copy(prepared, tmp_path / "run")
+    one = train.run(run, processes=1, epochs=1, progress=False, images_per_step=2)
+    assert one["world"] == 1 and one["step"] == ddp["step"] == one["train_images"] // 2
+    a, b = _trainable(run, one["step"]), _trainable(ddp_run, ddp["step"])
+    assert any(not torch.equal(v, build("tiny-siglip").state_dict()[k]) for k, v in a.items())  # it trained
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+    (r1,), (r2,) = manifest.read_manifest(run, "train").to_pylist(), manifest.read_manifest(ddp_run, "train").to_pylist()
+    assert r1["step"] == r2["step"]
+    assert r1["train_loss"] == pytest.approx(r2["train_loss"], rel=1e-5)
+    assert r1["val_mse"] == pytest.approx(r2["val_mse"], rel=1e-5)
+
+
+def test_rank_shares_give_the_same_optimizer_steps_for_1_2_4_processes():
+    order = train.epoch_order(list(range(1, 24)), seed=0, epoch=0)
+    steps = {}
+    for world in (1, 2, 4):
+        shares = [train.rank_share(order, r, world, images_per_step=4) for r in range(world)]
+        per_rank = 4 // world  # micro-steps of each rank in one optimizer step
+        steps[world] = [sorted(i for s in shares for i in s[k * per_rank:(k + 1) * per_rank]) for k in range(5)]
+        assert all(len(s) == 20 // world for s in shares)  # 23 images: 5 whole steps, 3 left out
+    assert steps[1] == steps[2] == steps[4] == [sorted(order[4 * k:4 * k + 4]) for k in range(5)]
+
+
+def test_process_count_must_divide_images_per_step(prepared):
+    run = Run(str(prepared))
+    with pytest.raises(TrainError, match=r"2 processes do not divide \[train\].images_per_step=1") as e:
+        train.run(run, processes=2, progress=False)
+    assert "\n" not in str(e.value)
+    with pytest.raises(TrainError, match="4 processes do not divide .*=2: use 1 or 2"):
+        train.run(run, processes=4, progress=False, images_per_step=2)
+    assert not run.exists("checkpoints")  # refused before any work
