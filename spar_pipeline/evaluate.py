@@ -160,12 +160,10 @@ def feature_mse(backbone, run: Run | str, image_ids: Sequence[int] | None = None
         raise EvaluateError(f"{run}: no extracted images to compare with; run `spar-pipeline extract` first")
     store = FeatureStore.open(run.store_url, storage_options=run.storage_options)
     dev = torch.device(device) if device is not None else next(backbone.parameters()).device
-    mean = torch.tensor(backbone.mean, device=dev).view(1, 3, 1, 1)
-    std = torch.tensor(backbone.std, device=dev).view(1, 3, 1, 1)
     total = 0.0
     for image_id in image_ids:
         x = augmented_image(run, int(image_id)).to(dev)[None].float() / 255.0
-        student = backbone.dense((x - mean) / std)[0].float()
+        student = backbone.dense(backbone.normalize(x))[0].float()
         teacher = torch.from_numpy(np.asarray(store.read(int(image_id)), dtype=np.float32)).to(dev)
         if student.shape != teacher.shape:
             raise EvaluateError(f"image {image_id}: student map {tuple(student.shape)} vs teacher "

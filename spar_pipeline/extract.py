@@ -120,15 +120,6 @@ def _autocast_dtype(spec: ExtractSpec, device):
     return torch.bfloat16 if spec.precision == "bf16" else None
 
 
-def _normalise(img, backbone, device):
-    import torch
-
-    x = img.to(device, non_blocking=True).float().div_(255.0)
-    mean = torch.tensor(backbone.mean, device=device).view(3, 1, 1)
-    std = torch.tensor(backbone.std, device=device).view(3, 1, 1)
-    return (x - mean) / std
-
-
 def _windows(img, spec: ExtractSpec) -> int:
     from spar_pipeline.windows import window_starts
 
@@ -180,7 +171,7 @@ def extract_batch(spec: ExtractSpec, items: list[dict]) -> dict:
             nonlocal group, group_windows, n_windows, forward_seconds
             if not group:
                 return
-            images = [_normalise(img, backbone, device) for _, img in group]
+            images = [backbone.normalize(img.to(device, non_blocking=True).float().div_(255.0)) for _, img in group]
             tf = time.perf_counter()
             maps = sliding_features_many(backbone, images, spec.window, spec.stride, batch=spec.window_batch,
                                          autocast_dtype=_autocast_dtype(spec, device))

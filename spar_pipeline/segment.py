@@ -63,9 +63,7 @@ def _device(backbone) -> torch.device:
 def normalise(backbone, image: np.ndarray) -> torch.Tensor:
     """uint8 RGB [H, W, 3] -> float32 [1, 3, H, W], (x − 255·mean) / (255·std), on the backbone's device."""
     x = torch.from_numpy(np.ascontiguousarray(image)).to(_device(backbone)).permute(2, 0, 1)[None].float()
-    mean = torch.tensor(backbone.mean, device=x.device).view(1, 3, 1, 1) * 255.0
-    std = torch.tensor(backbone.std, device=x.device).view(1, 3, 1, 1) * 255.0
-    return (x - mean) / std
+    return backbone.normalize(x, scale=255.0)
 
 
 def cosine_maps(backbone, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:

@@ -48,8 +48,6 @@ class Student:
             # DDP must look for unused ones, as the reference's ddp_find_unused_parameters_true does.
             self.net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                            find_unused_parameters=True)
-        self.mean = torch.tensor(model.mean, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(model.std, device=device).view(1, 3, 1, 1)
         self.micro = 0  # micro-steps since the last optimizer step
 
     def autocast(self):
@@ -58,7 +56,7 @@ class Student:
     def input(self, img: torch.Tensor) -> torch.Tensor:
         """uint8 [3, H, W] -> the normalised float batch [1, 3, H, W] on the device."""
         x = img.to(self.device, non_blocking=True)[None].float().div_(255.0)
-        return (x - self.mean) / self.std
+        return self.model.normalize(x)
 
     def train_step(self, img: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """One image: forward, MSE against ``teacher`` [h, w, D], backward; the optimizer steps on

@@ -158,6 +158,21 @@ def test_maskclip_stream_dtype_under_fp16_autocast_is_open_clips():
     assert ours == theirs == resized == torch.float16
 
 
+@pytest.mark.parametrize("name", TINY)
+def test_normalize_is_the_reference_preprocessing(name):
+    b = _get(name)
+    digest = b.weights_digest
+    mean, std = torch.tensor(b.mean).view(1, 3, 1, 1), torch.tensor(b.std).view(1, 3, 1, 1)
+    x = torch.rand(2, 3, 8, 12)
+    torch.testing.assert_close(b.normalize(x), (x - mean) / std, atol=0, rtol=0)  # ToTensor → Normalize
+    torch.testing.assert_close(b.normalize(x[0]), ((x - mean) / std)[0], atol=0, rtol=0)
+    raw = torch.randint(0, 256, (1, 3, 8, 12)).float()  # the evaluation preprocessor: raw 0–255 values
+    torch.testing.assert_close(b.normalize(raw, scale=255.0), (raw - 255.0 * mean) / (255.0 * std), atol=0, rtol=0)
+    assert b.normalize(raw, scale=255.0).dtype == torch.float32 and b.weights_digest == digest  # no new state
+    with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
+        b.normalize(torch.rand(2, 8, 12, 3))
+
+
 def test_tiny_builds_are_deterministic_across_processes():
     digest = _get("tiny-siglip").weights_digest
     assert not any("RANDOM" in m for m in _WARNINGS["tiny-siglip"])  # random by design: no warning

@@ -56,6 +56,7 @@ class Backbone(nn.Module):
         self.std = tuple(float(s) for s in std)
         self.patch_size = int(patch_size)
         self.dim = int(dim)
+        self._stats: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # normalize's mean/std per device
 
     # ---- to implement per family ----------------------------------------------------------
     def dense(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
@@ -80,6 +81,20 @@ class Backbone(nn.Module):
     # ---- shared ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dense(x)
+
+    def normalize(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        """The input every dense path takes: ``(x − scale·mean) / (scale·std)`` per channel of a float
+        [B, 3, H, W] (or [3, H, W]) image in [0, scale]. ``scale`` 1 is the reference's ToTensor → Normalize
+        (teacher and student); 255 its evaluation preprocessor's order on raw 0–255 values."""
+        if x.ndim not in (3, 4) or x.shape[-3] != 3:
+            raise ValueError(f"{self.name}: normalize takes [B, 3, H, W] or [3, H, W], got {list(x.shape)}")
+        key = (x.device, float(scale))
+        if key not in self._stats:  # made once per device: no host-to-device copy per image
+            mean = torch.tensor(self.mean, device=x.device).view(3, 1, 1)
+            std = torch.tensor(self.std, device=x.device).view(3, 1, 1)
+            self._stats[key] = (mean * scale, std * scale) if scale != 1.0 else (mean, std)
+        mean, std = self._stats[key]
+        return (x - mean) / std
 
     @torch.no_grad()
     def class_embeddings(self, class_lines: Sequence[str], templates: Sequence[str],

@@ -85,8 +85,6 @@ def main(out: str | Path = "mini-clip.safetensors", seed: int = 0, minutes: floa
     caps = _captions(seed, POOL, base, templates())
     tokens = b.tokenizer(caps)
     log.info("pretrain-mini: %d scenes generated in %.0f s", POOL, time.perf_counter() - t0)
-    mean = torch.tensor(b.mean).view(1, 3, 1, 1) * 255
-    std = torch.tensor(b.std).view(1, 3, 1, 1) * 255
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "token_embedding" not in n]
     other = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "token_embedding" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": WD}, {"params": other, "weight_decay": 0.0}], lr=LR)
@@ -102,7 +100,7 @@ def main(out: str | Path = "mini-clip.safetensors", seed: int = 0, minutes: floa
         x = images[idx].permute(0, 3, 1, 2).float()
         flip = torch.rand(BATCH, generator=g) < 0.5
         x[flip] = x[flip].flip(-1)
-        x = (x - mean) / std
+        x = b.normalize(x, scale=255.0)
         for group in opt.param_groups:
             group["lr"] = _lr(step, steps)
         img = F.normalize(model.encode_image(x), dim=-1)
