@@ -116,7 +116,11 @@ class TrainConfig:
     images_per_step: int = field(metadata=_check(_positive))
     trainable: str  # set_trainable spec, e.g. "blk_-1,blk_-2"
     precision: str = field(metadata=_check(_choice("fp16", "bf16", "fp32")))  # autocast dtype on GPU
-    holdout_fraction: float = field(metadata=_check(_probability))  # images never trained on
+    # images never trained on, for val_mse and the best epoch; 0: none (the reference), best = last epoch
+    holdout_fraction: float = field(metadata=_check(_probability))
+    # "shuffle" (default): a fresh seeded permutation each epoch; "sorted": the same sorted order every
+    # epoch, interleaved across processes (the reference's)
+    order: str = field(default="shuffle", metadata=_check(_choice("shuffle", "sorted")))
     checkpoint_every: int = field(default=200, metadata=_check(_positive))  # steps between checkpoints
     loader_workers: int = field(default=2, metadata=_check(_non_negative))
 
@@ -227,6 +231,9 @@ def recipe_from_dict(data: dict, source: str = "<recipe>") -> Recipe:
         raise RecipeError(
             f"{source} [augment].min_side={recipe.augment.min_side}: must be ≥ [extract].window={ex.window}"
         )
+    if ex.stride > ex.window:
+        raise RecipeError(f"{source} [extract].stride={ex.stride}: must be ≤ [extract].window={ex.window} "
+                          "(a larger stride leaves pixels in no window)")
     return recipe
 
 

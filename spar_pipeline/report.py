@@ -112,11 +112,15 @@ def write_summary(run: Run, reports: dict[str, Any]) -> str:
     if train:
         lines += ["", "## Training (held-out MSE against the teacher)", "", "| epoch | step | train_loss | val_mse | baseline_val_mse |",
                   "|---|---|---|---|---|"]
+        cell = lambda v: "—" if v is None else f"{v:.4g}"  # noqa: E731 - no held-out slice: no val_mse
         for t in sorted(train, key=lambda r: r["epoch"]):
-            lines.append(f"| {t['epoch']} | {t['step']} | {t['train_loss']:.4g} | {t['val_mse']:.4g} | "
-                         f"{t['baseline_val_mse']:.4g} |")
+            lines.append(f"| {t['epoch']} | {t['step']} | {t['train_loss']:.4g} | {cell(t['val_mse'])} | "
+                         f"{cell(t['baseline_val_mse'])} |")
         last = max(train, key=lambda r: r["epoch"])
-        if last["baseline_val_mse"] > 0:
+        if last["val_mse"] is None:
+            lines += ["", f"No held-out slice (holdout_fraction = 0): no val_mse; the best student is the last "
+                      f"epoch's (epoch {last['epoch']})."]
+        elif last["baseline_val_mse"] > 0:
             lines += ["", f"Held-out MSE after epoch {last['epoch']}: {last['val_mse'] / last['baseline_val_mse']:.2f}× "
                       "the pretrained single pass (lower is closer to the teacher)."]
     evaluated = manifest.read_manifest(run, "evaluate").to_pylist()

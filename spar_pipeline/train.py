@@ -43,7 +43,7 @@ from spar_pipeline.errors import TrainError
 from spar_pipeline.run import Run
 from spar_pipeline.student import Student
 
-__all__ = ["run", "TrainError", "TrainSpec", "plan", "split_holdout", "epoch_order", "rank_share", "Trainer"]
+__all__ = ["run", "summary_line", "TrainError", "TrainSpec", "plan", "split_holdout", "epoch_order", "rank_share", "Trainer"]
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +60,11 @@ def _unit(seed: int, image_id: int, salt: str) -> float:
 
 def split_holdout(ids: list[int], seed: int, fraction: float) -> tuple[list[int], list[int]]:
     """(train, held-out): an image is held out when its hash of (seed, id) falls below
-    ``fraction``, so membership does not depend on the other images; at least one of each."""
+    ``fraction``, so membership does not depend on the other images; at least one of each, except
+    that ``fraction`` 0 holds nothing out (the reference's training set)."""
     ids = sorted(ids)
+    if fraction == 0:
+        return ids, []
     if len(ids) < 2:
         raise TrainError(f"{len(ids)} image(s) ready: training needs at least 2 (one is held out for validation)")
     u = {i: _unit(seed, i, "holdout") for i in ids}
@@ -71,9 +74,14 @@ def split_holdout(ids: list[int], seed: int, fraction: float) -> tuple[list[int]
     return [i for i in ids if i not in val], [i for i in ids if i in val]
 
 
-def epoch_order(ids: list[int], seed: int, epoch: int) -> list[int]:
-    """The epoch's order, a pure function of (seed, epoch, the id set)."""
+def epoch_order(ids: list[int], seed: int, epoch: int, order: str = "shuffle") -> list[int]:
+    """The epoch's order, a pure function of (seed, epoch, the id set): a fresh permutation each
+    epoch ("shuffle"), or the ids sorted, the same every epoch ("sorted", the reference's)."""
     ids = sorted(ids)
+    if order == "sorted":
+        return ids
+    if order != "shuffle":
+        raise TrainError(f"[train].order={order!r}: must be shuffle or sorted")
     rng = np.random.default_rng([seed, epoch, 0x7472])
     return [ids[i] for i in rng.permutation(len(ids))]
 
@@ -102,9 +110,10 @@ def plan(run: Run) -> tuple[list[Item], list[Item]]:
     augment = {r["image_id"]: r for r in manifest.read_manifest(run, "augment").to_pylist() if r["status"] == "ok"}
     extract = {r["image_id"]: r for r in manifest.read_manifest(run, "extract").to_pylist() if r["status"] == "ok"}
     ids = sorted(set(augment) & set(extract) & set(ingest))
-    if len(ids) < 2:
+    need = 1 if recipe.train.holdout_fraction == 0 else 2
+    if len(ids) < need:
         raise TrainError(f"{run!r}: {len(ids)} image(s) are done in both augment and extract; "
-                         "run `spar-pipeline extract` first (training needs at least 2)")
+                         f"run `spar-pipeline extract` first (training needs at least {need})")
     train_ids, val_ids = split_holdout(ids, recipe.recipe.seed, recipe.train.holdout_fraction)
 
     def item(i: int) -> Item:
@@ -169,6 +178,7 @@ class TrainSpec:
     trainable: str
     epochs: int
     images_per_step: int
+    order: str
     lr: float
     weight_decay: float
     precision: str
@@ -297,7 +307,7 @@ class Trainer:
     def train(self) -> dict[str, Any]:
         started = time.time()
         self.resume()
-        if self.baseline_val_mse is None:
+        if self.baseline_val_mse is None and self.spec.val_items:
             self.baseline_val_mse = self.validate()
             log.info("train: baseline val_mse %.6g (pretrained, single pass) on %d held-out images",
                      self.baseline_val_mse, len(self.spec.val_items))
@@ -328,7 +338,7 @@ class Trainer:
 
     def batches(self, epoch: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         """This rank's share of the epoch from the current position; times the waits for data."""
-        order = epoch_order(self.train_ids, self.spec.seed, epoch)
+        order = epoch_order(self.train_ids, self.spec.seed, epoch, self.spec.order)
         share = rank_share(order, self.rank, self.world, self.spec.images_per_step)
         self.seen = share[: self.position]
         self.train_sampler.indices = [self.train_index[i] for i in share[self.position:]]
@@ -353,8 +363,11 @@ class Trainer:
         return now
 
     @torch.no_grad()
-    def validate(self) -> float:
-        """Mean per-image MSE of the student (single pass) on the held-out maps, over all ranks."""
+    def validate(self) -> float | None:
+        """Mean per-image MSE of the student (single pass) on the held-out maps, over all ranks;
+        None without a held-out slice (holdout_fraction = 0)."""
+        if not self.spec.val_items:
+            return None
         self.val_sampler.indices = list(range(self.rank, len(self.spec.val_items), self.world))
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
         for _image_id, img, teacher in self.val_loader:
@@ -370,8 +383,8 @@ class Trainer:
         self._check_shares(epoch)
         loss_sum, loss_steps = self._all_reduce([float(self.loss_sum), float(self.loss_steps)])
         self.last_val_mse = val
-        is_best = val < self.best_val_mse
-        self.best_val_mse = min(self.best_val_mse, val)
+        is_best = val is None or val < self.best_val_mse  # no held-out slice: the best is the last epoch
+        self.best_val_mse = self.best_val_mse if val is None else min(self.best_val_mse, val)
         seconds, wait = self.epoch_seconds + time.perf_counter() - t0, self.epoch_wait
         row = dict(epoch=epoch, step=self.step, train_loss=loss_sum / max(loss_steps, 1), val_mse=val,
                    baseline_val_mse=self.baseline_val_mse, seconds=seconds, data_wait_seconds=wait,
@@ -381,9 +394,10 @@ class Trainer:
         self.checkpointer.save(self.step, epoch_end=True, meta=dict(row=row, best=is_best))
         if self.rank == 0:
             self.publish(row, is_best)
-        log.info("train: epoch %d step %d train_loss %.6g val_mse %.6g (baseline %.6g)%s, %.1fs, data wait %.1f%%",
-                 epoch, self.step, row["train_loss"], val, self.baseline_val_mse, " best" if is_best else "",
-                 seconds, 100 * wait / max(seconds, 1e-9))
+        held = ("no held-out slice" if val is None else
+                f"val_mse {val:.6g} (baseline {self.baseline_val_mse:.6g}){' best' if is_best else ''}")
+        log.info("train: epoch %d step %d train_loss %.6g %s, %.1fs, data wait %.1f%%", epoch, self.step,
+                 row["train_loss"], held, seconds, 100 * wait / max(seconds, 1e-9))
 
     def _check_shares(self, epoch: int) -> None:
         """Every rank trained its own images: the shares are disjoint and none is held out."""
@@ -438,6 +452,7 @@ class Trainer:
             train_images=len(self.train_ids), val_images=len(self.spec.val_items), trainable=self.n_trainable,
             baseline_val_mse=self.baseline_val_mse, val_mse=self.last_val_mse,
             best_val_mse=None if math.isinf(self.best_val_mse) else self.best_val_mse,
+            best_rule="lowest val_mse" if self.spec.val_items else "last epoch (no held-out slice)",
             seconds=round(self.run_seconds, 3), steps_per_second=self.run_steps / max(self.run_seconds, 1e-9),
             data_wait_share=self.run_wait / max(self.run_seconds, 1e-9),
             data_wait_first_seconds=self.run_first_wait or 0.0,
@@ -486,6 +501,17 @@ class _Progress:
     def __exit__(self, *exc) -> None:
         if self.enabled:
             self._bar.stop()
+
+
+def summary_line(report: dict, best_url: str) -> str:
+    """The one line ``spar-pipeline train`` prints: steps, images, held-out MSE, where the best student is."""
+    best = report.get("best_val_mse")
+    held = (f"held-out MSE best {'None' if best is None else f'{best:.4g}'} vs pretrained "
+            f"{report['baseline_val_mse']:.4g}" if report["val_images"] else
+            "no held-out slice (holdout_fraction = 0): best = last epoch")
+    return (f"train: step {report['step']} ({report['steps_this_run']} this run) on {report['train_images']} images, "
+            f"{report['world']} process(es), {report['images_per_step']} image(s) per step; {held}; "
+            f"data wait {report['data_wait_share']:.1%}; best student: {best_url}")
 
 
 # ---- processes -------------------------------------------------------------------------------------
@@ -559,7 +585,7 @@ def run(run: Run, *, gpus: list[int] | None = None, epochs: int | None = None, t
     spec = TrainSpec(
         url=run.url, storage_options=run.storage_options, backbone=recipe.recipe.backbone,
         checkpoint=recipe.recipe.checkpoint, trainable=trainable or cfg.trainable, epochs=epochs or cfg.epochs,
-        images_per_step=per_step, lr=cfg.lr, weight_decay=cfg.weight_decay, precision=cfg.precision, checkpoint_every=cfg.checkpoint_every,
+        images_per_step=per_step, order=cfg.order, lr=cfg.lr, weight_decay=cfg.weight_decay, precision=cfg.precision, checkpoint_every=cfg.checkpoint_every,
         loader_workers=cfg.loader_workers, seed=recipe.recipe.seed, max_pixels=recipe.ingest.max_pixels,
         train_items=train_items, val_items=val_items, gpus=tuple(gpus) if gpus else None, world=world,
         progress=progress, stop_after_steps=stop_after_steps, log_level=logging.getLogger().getEffectiveLevel(),

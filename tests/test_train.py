@@ -24,11 +24,11 @@ EPOCHS = 2
 EVERY = 5  # checkpoint interval in steps
 
 
-def _recipe(tmp: Path) -> Path:
+def _recipe(tmp: Path, **changes: str) -> Path:
     """tiny-cpu with a train section sized for a 20-image test: 5 held out, a step checkpoint every 5."""
     text = (stages_dir() / "tiny-cpu.toml").read_text()
-    for key, value in dict(lr="1e-4", holdout_fraction="0.25", checkpoint_every=str(EVERY), epochs=str(EPOCHS),
-                           loader_workers="1").items():
+    for key, value in dict(dict(lr="1e-4", holdout_fraction="0.25", checkpoint_every=str(EVERY), epochs=str(EPOCHS),
+                                loader_workers="1"), **changes).items():
         text, n = re.subn(rf"(?m)^{key} = .*$", f"{key} = {value}", text)
         assert n == 1, key
     path = tmp / "tiny-train.toml"
@@ -76,7 +76,8 @@ def test_split_order_and_shares_are_deterministic():
     # membership depends on the image only: adding images never moves an old one across the split
     tr2, val2 = train.split_holdout(ids + list(range(41, 81)), 0, 0.25)
     assert set(val) <= set(val2) and set(tr) <= set(tr2)
-    assert train.split_holdout([1, 2], 0, 0.0)[1] and train.split_holdout([1, 2], 0, 1.0)[0]  # at least one each
+    assert train.split_holdout([1, 2], 0, 0.01)[1] and train.split_holdout([1, 2], 0, 1.0)[0]  # at least one each
+    assert train.split_holdout(ids, 0, 0.0) == (ids, [])  # except fraction 0: nothing held out
     assert train.epoch_order(tr, 0, 3) == train.epoch_order(list(reversed(tr)), 0, 3) != train.epoch_order(tr, 0, 4)
     order = train.epoch_order(tr, 0, 0)
     a, b = train.rank_share(order, 0, 2), train.rank_share(order, 1, 2)
@@ -255,3 +256,50 @@ def test_process_count_must_divide_images_per_step(prepared):
     with pytest.raises(TrainError, match="4 processes do not divide .*=2: use 1 or 2"):
         train.run(run, processes=4, progress=False, images_per_step=2)
     assert not run.exists("checkpoints")  # refused before any work
+
+
+# ---- the reference's data: no held-out slice, the same sorted order every epoch --------------------
+@pytest.fixture(scope="module")
+def sorted_no_holdout(tmp_path_factory):
+    """4 images, holdout_fraction = 0, order = "sorted": the reference's training set and order."""
+    tmp = tmp_path_factory.mktemp("reference-data")
+    tars = make_sa1b_source(tmp / "src", n_tars=1, per_tar=4, size=(128, 96), seed=2)
+    run = Run(str(tmp / "run"))
+    run.resolve_recipe(str(_recipe(tmp, holdout_fraction="0", order='"sorted"')))
+    ingest.run(run, [str(t) for t in tars])
+    augment.run(run)
+    extract.run(run, workers=1, progress=False)
+    return run, train.run(run, progress=False)
+
+
+def test_holdout_fraction_zero_trains_every_image_and_keeps_the_last_epoch(sorted_no_holdout):
+    from spar_pipeline.report import write_summary
+
+    run, report = sorted_no_holdout
+    ids = [r["image_id"] for r in manifest.read_manifest(run, "extract").to_pylist() if r["status"] == "ok"]
+    assert report["train_images"] == len(ids) == 4 and report["val_images"] == 0
+    assert report["val_mse"] is report["baseline_val_mse"] is report["best_val_mse"] is None
+    rows = sorted(manifest.read_manifest(run, "train").to_pylist(), key=lambda r: r["epoch"])
+    assert [r["epoch"] for r in rows] == list(range(EPOCHS))
+    assert all(r["val_mse"] is None and r["baseline_val_mse"] is None and r["train_loss"] > 0 for r in rows)
+    best = json.loads(run.read_bytes("checkpoints", "best.json"))
+    assert (best["epoch"], best["step"]) == (rows[-1]["epoch"], rows[-1]["step"])
+    sd = build("tiny-siglip", checkpoint=run.path("checkpoints", "best.safetensors")).state_dict()
+    assert all(torch.equal(sd[k], v) for k, v in _trainable(run, rows[-1]["step"]).items())
+    assert not all(torch.equal(sd[k], v) for k, v in _trainable(run, rows[0]["step"]).items())
+    summary = write_summary(run, {})
+    assert "No held-out slice (holdout_fraction = 0)" in summary and "last epoch's (epoch 1)" in summary
+    assert "no held-out slice (holdout_fraction = 0): best = last epoch" in train.summary_line(report, "best")
+
+
+def test_sorted_order_is_the_same_each_epoch_and_interleaved_across_ranks(sorted_no_holdout):
+    ids = [5, 3, 9, 1, 7, 2]
+    assert all(train.epoch_order(ids, 0, e, "sorted") == [1, 2, 3, 5, 7, 9] for e in range(3))
+    assert train.epoch_order(ids, 0, 0) != train.epoch_order(ids, 0, 1)  # the default, "shuffle"
+    order = train.epoch_order(ids, 0, 0, "sorted")
+    assert (train.rank_share(order, 0, 2), train.rank_share(order, 1, 2)) == ([1, 3, 7], [2, 5, 9])
+    with pytest.raises(TrainError, match="order='random'"):
+        train.epoch_order(ids, 0, 0, "random")
+    run, report = sorted_no_holdout  # the trainer follows the recipe's order: its last epoch went in id order
+    ids = [r["image_id"] for r in manifest.read_manifest(run, "extract").to_pylist() if r["status"] == "ok"]
+    assert report["shares"][0] == sorted(ids)

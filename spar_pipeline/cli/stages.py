@@ -138,11 +138,7 @@ def train(
             raise OptionError("--trainable '': expected parameters to train, e.g. --trainable blk_-1,blk_-2")
         r = open_run(run, recipe, storage_options)
         rep = stage.run(r, gpus=ids, epochs=epochs, trainable=trainable, resume=resume, processes=processes)
-        best = rep.get("best_val_mse")
-        typer.echo(f"train: step {rep['step']} ({rep['steps_this_run']} this run) on {rep['train_images']} images, "
-                   f"{rep['world']} process(es); held-out MSE best {best if best is None else f'{best:.4g}'} "
-                   f"vs pretrained {rep['baseline_val_mse']:.4g}; data wait {rep['data_wait_share']:.1%}; "
-                   f"best student: {r.url_for('checkpoints', 'best.safetensors')}")
+        typer.echo(stage.summary_line(rep, r.url_for("checkpoints", "best.safetensors")))
 
 
 @app.command()
