@@ -13,6 +13,7 @@ from typing import Any
 
 from spar_pipeline import manifest
 from spar_pipeline.augmentation import augment_row
+from spar_pipeline.errors import RunError
 from spar_pipeline.run import Run
 
 __all__ = ["run"]
@@ -29,7 +30,10 @@ def run(run: Run, *, limit: int | None = None) -> dict[str, Any]:
     """
     t0, started = time.perf_counter(), time.time()
     recipe = run.recipe
-    todo = manifest.pending(manifest.read_manifest(run, "ingest"), manifest.read_manifest(run, "augment"))
+    ingested = manifest.read_manifest(run, "ingest")
+    if not ingested.num_rows:
+        raise RunError(f"{run}: nothing ingested yet; run `spar-pipeline ingest SOURCES --run {run.url}` first")
+    todo = manifest.pending(ingested, manifest.read_manifest(run, "augment"))
     ingest_rows = todo.to_pylist()[:limit] if limit else todo.to_pylist()
     done = rejected = 0
     for start in range(0, len(ingest_rows), PART_ROWS):

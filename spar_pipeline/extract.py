@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from spar_pipeline import manifest
+from spar_pipeline.errors import RunError
 from spar_pipeline.run import Run
 
 __all__ = ["ExtractSpec", "teacher_fingerprint", "extract_batch", "run", "plan"]
@@ -224,7 +225,10 @@ def extract_batch(spec: ExtractSpec, items: list[dict]) -> dict:
 def plan(run: Run, limit: int | None = None) -> list[dict]:
     """Pending images with their ingest and augment rows, largest first."""
     ingest = {r["image_id"]: r for r in manifest.read_manifest(run, "ingest").to_pylist()}
-    todo = manifest.pending(manifest.read_manifest(run, "augment"), manifest.read_manifest(run, "extract"))
+    augmented = manifest.read_manifest(run, "augment")
+    if not augmented.num_rows:
+        raise RunError(f"{run}: nothing augmented yet; run `spar-pipeline augment --run {run.url}` first")
+    todo = manifest.pending(augmented, manifest.read_manifest(run, "extract"))
     items = [dict(image_id=a["image_id"], ingest=ingest[a["image_id"]], augment=a)
              for a in todo.to_pylist() if a["image_id"] in ingest]
     items.sort(key=lambda it: (-(it["augment"]["height"] * it["augment"]["width"]), it["image_id"]))

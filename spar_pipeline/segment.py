@@ -83,10 +83,11 @@ def single_logits(backbone, x: torch.Tensor, emb: torch.Tensor, out_size: tuple[
 def sliding_logits(backbone, x: torch.Tensor, emb: torch.Tensor, out_size: tuple[int, int], stride: int,
                    window: int | None = None, window_batch: int = 60) -> torch.Tensor:
     """Windows of K (``backbone.window``) at ``stride``, cosine maps stitched at pixel level; [Q, *out_size]."""
+    from spar_pipeline.errors import OptionError
     from spar_pipeline.windows import window_starts
 
     if stride < 1:
-        raise ValueError(f"sliding mode needs a stride ≥ 1, got {stride}")
+        raise OptionError(f"sliding mode needs a stride ≥ 1, got {stride}")
     K = int(window or backbone.window)
     _, _, H, W = x.shape
     kh, kw = min(K, H), min(K, W)
@@ -96,7 +97,7 @@ def sliding_logits(backbone, x: torch.Tensor, emb: torch.Tensor, out_size: tuple
     tops, lefts = window_starts(H, K, stride), window_starts(W, K, stride)
     for starts, k, side in ((tops, kh, "height"), (lefts, kw, "width")):
         if any(b - a > k for a, b in zip(starts, starts[1:])):  # mmseg asserts the same (count_mat > 0)
-            raise ValueError(f"sliding stride {stride} > window {K} leaves pixels of the {side} ({H}×{W} resized "
+            raise OptionError(f"sliding stride {stride} > window {K} leaves pixels of the {side} ({H}×{W} resized "
                              f"image) in no window; use a stride ≤ {K}")
     boxes = [(t, l) for t in tops for l in lefts]
     chunk = max(1, (1 << 26) // max(1, Q * kh * kw))  # upsampled windows held at once: ≤ 256 MiB float32

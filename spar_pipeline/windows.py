@@ -16,6 +16,8 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from spar_pipeline.errors import OptionError
+
 __all__ = ["window_starts", "upsample_factor", "Canvas", "sliding_features", "sliding_features_many", "count_windows",
            "upsample"]
 
@@ -96,6 +98,11 @@ def sliding_features_many(
     """Teacher maps [H/P, W/P, D] (float32) for normalised images [3, H, W], windows batched across images."""
     if not images:
         return []
+    for side in {n for img in images for n in img.shape[-2:]} if stride > window else ():
+        starts = window_starts(side, window, stride)
+        if any(b - a > window for a, b in zip(starts, starts[1:])):
+            raise OptionError(f"sliding stride {stride} > window {window} leaves pixels of a {side}-pixel side in "
+                              f"no window; use a stride ≤ {window}")
     device = images[0].device
     P = backbone.patch_size
     canvases = [Canvas(img.shape[-2], img.shape[-1], P, stride, backbone.dim, device) for img in images]
