@@ -1,4 +1,4 @@
-"""The teacher feature store: one float16 map per image in Zarr v3, on any fsspec URL.
+"""The teacher feature store: one map per image (float16 by default) in Zarr v3, on any fsspec URL.
 
 Layout: ``features.zarr/`` root group (attributes: fingerprint, layout version, codec; written
 once, by ``create``) and ``maps/<image_id>``: one array per image holding a single whole-map
@@ -12,11 +12,15 @@ put, so a reader sees the old map or the new one, never a gap. The array's fill 
 and a stored map never is, so a map whose chunk is absent (a write cut between metadata and
 chunk) reads as missing instead of as zeros. Callers never touch zarr directly.
 
-Map dtype (root attribute ``map_dtype``, part of the teacher fingerprint): ``float16``, or ``int8``
-with a per-channel scale, about half the bytes (error measured in bench/bench_quant.py). An int8
+Map dtype (root attribute ``map_dtype``, part of the teacher fingerprint): ``float16`` (the
+default), ``float32`` (what the reference stores: twice the bytes, the teacher exactly as
+computed; the float16 error against it is measured by bench/bench_store.py), or ``int8`` with a
+per-channel scale, about half of float16's bytes (error measured in bench/bench_quant.py). An int8
 map is one int8 array ``[4 + h·w, D]``: the first four rows are the little-endian float32 scales'
 bytes, the rest the values; its ``map_shape`` attribute holds ``[h, w, D]``. Scales and values
-live in one chunk, so a redo is still a single put. ``read`` always returns float16.
+live in one chunk, so a redo is still a single put. ``read`` returns float32 from a float32 store
+and float16 from the others (an int8 map is dequantised to float16): a float32 store never loses
+the precision it was chosen for, and the other two keep the float16 contract callers rely on.
 
 Reads of uncompressed maps (codec ``none``) skip zarr's codec pipeline: the chunk's bytes are the
 array (zarr's path costs ~4.7× a plain file read: bench/bench_read.py).
@@ -48,13 +52,15 @@ LAYOUT_VERSION = 1
 # the smallest lossless one (bench/bench_store.py: ~0.89x raw, twice zstd's read speed); "zstd" alone
 # carries a frame checksum; the rest are measured alternatives.
 CODECS = ("blosc", "zstd", "blosc-shuffle", "blosc-lz4", "none")
-MAP_DTYPES = ("float16", "int8")
+MAP_DTYPES = ("float16", "float32", "int8")
 _SCALE_ROWS = 4  # an int8 map's float32 scales take 4 int8 rows of D
 
 
 def map_checksum(arr: np.ndarray) -> str:
-    """sha256 of the C-contiguous float16 bytes, first 32 hex chars: what the manifest records."""
-    return hashlib.sha256(np.ascontiguousarray(arr, dtype=np.float16)).hexdigest()[:32]
+    """sha256 of the map's C-contiguous bytes as ``read`` returns them (float32 for a float32 map,
+    float16 for any other), first 32 hex chars: what the manifest records."""
+    dtype = np.float32 if np.asarray(arr).dtype == np.float32 else np.float16
+    return hashlib.sha256(np.ascontiguousarray(arr, dtype=dtype)).hexdigest()[:32]
 
 
 def quantize_int8(arr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -112,7 +118,7 @@ def _checksum_async(arr: np.ndarray) -> Future:
     return _hasher.submit(map_checksum, arr)
 
 
-def _compressors(codec: str, level: int) -> list:
+def _compressors(codec: str, level: int, typesize: int = 2) -> list:
     if codec == "none":
         return []
     if codec == "zstd":  # the frame checksum makes a damaged chunk fail to decode
@@ -120,7 +126,7 @@ def _compressors(codec: str, level: int) -> list:
     if codec in ("blosc", "blosc-shuffle", "blosc-lz4"):  # bit (or byte) shuffle of the halves, then zstd/lz4
         cname = "lz4" if codec == "blosc-lz4" else "zstd"
         shuffle = BloscShuffle.bitshuffle if codec == "blosc" else BloscShuffle.shuffle
-        return [BloscCodec(cname=cname, clevel=level, shuffle=shuffle, typesize=2)]
+        return [BloscCodec(cname=cname, clevel=level, shuffle=shuffle, typesize=typesize)]
     raise StoreError(f"unknown codec {codec!r}; available: {', '.join(CODECS)}")
 
 
@@ -138,7 +144,8 @@ def _fingerprint_diff(a: dict, b: dict) -> str:
 
 
 class FeatureStore:
-    """One ``[h, w, D]`` map per image id, read as float16; see the module docstring for the layout."""
+    """One ``[h, w, D]`` map per image id, read as float16 (float32 from a float32 store); see the
+    module docstring for the layout."""
 
     def __init__(self, url: str, store, attrs: dict, codec: str, level: int):
         self.url = url
@@ -146,7 +153,7 @@ class FeatureStore:
         self._attrs = attrs
         self.codec, self.level = codec, level
         self.dtype = attrs.get("map_dtype", "float16")
-        self._compressors = _compressors(codec, level)
+        self._compressors = _compressors(codec, level, 4 if self.dtype == "float32" else 2)
 
     def __repr__(self) -> str:
         return f"FeatureStore({redact(self.url)!r}, codec={self.codec!r}, level={self.level}, dtype={self.dtype!r})"
@@ -202,12 +209,12 @@ class FeatureStore:
         return f"maps/{int(image_id)}"
 
     def _chunk_key(self, image_id: int) -> str:
-        """The one chunk's key: float16 maps are [h, w, D], packed int8 ones [4 + h·w, D]."""
+        """The one chunk's key: float maps are [h, w, D], packed int8 ones [4 + h·w, D]."""
         return f"{self._path(image_id)}/c/{'0/0' if self.dtype == 'int8' else '0/0/0'}"
 
     def _new_array(self, image_id: int, data: np.ndarray, attrs: dict, overwrite: bool) -> zarr.Array:
-        # float16 fills with NaN and int8 with 0 (never a stored scale): an absent chunk is never a map
-        fill = float("nan") if data.dtype == np.float16 else 0
+        # float maps fill with NaN and int8 with 0 (never a stored scale): an absent chunk is never a map
+        fill = float("nan") if data.dtype.kind == "f" else 0
         return zarr.create_array(
             store=self._store, name=self._path(image_id), shape=data.shape, chunks=data.shape, dtype=data.dtype,
             compressors=self._compressors, fill_value=fill, attributes=attrs, overwrite=overwrite,
@@ -215,9 +222,10 @@ class FeatureStore:
         )
 
     def write(self, image_id: int, arr: np.ndarray, attrs: dict | None = None) -> str:
-        """Write one whole map and return its checksum (of the float16 map ``read`` will return). A
-        redo is harmless: the existing array is reused and its single chunk replaced in one put."""
-        arr = np.ascontiguousarray(arr, dtype=np.float16)
+        """Write one whole map and return its checksum (of the map ``read`` will return: float32 in a
+        float32 store, else float16). A redo is harmless: the existing array is reused and its single
+        chunk replaced in one put."""
+        arr = np.ascontiguousarray(arr, dtype=np.float32 if self.dtype == "float32" else np.float16)
         if arr.ndim != 3:
             raise StoreError(f"image {image_id}: map must be [h, w, D], got shape {arr.shape}")
         meta = {"image_id": int(image_id), **(attrs or {})}
@@ -268,8 +276,8 @@ class FeatureStore:
                           "missing chunk")
 
     def _stored(self, image_id: int) -> tuple[np.ndarray, dict]:
-        """(the stored array as it is: a float16 map or packed int8, its attributes); a missing
-        chunk raises MapMissing."""
+        """(the stored array as it is: a float16/float32 map or packed int8, its attributes); a
+        missing chunk raises MapMissing."""
         raw = self._get(f"{self._path(image_id)}/zarr.json")
         if raw is None:
             raise MapMissing(f"image {image_id}: no map in {redact(self.url)}")
@@ -297,10 +305,11 @@ class FeatureStore:
         return out, dict(a.attrs)
 
     def read(self, image_id: int) -> np.ndarray:
-        """The map as float16 ``[h, w, D]``; MapMissing (a StoreError and a KeyError) if absent."""
+        """The map ``[h, w, D]``: float32 from a float32 store, float16 from a float16 or int8 one;
+        MapMissing (a StoreError and a KeyError) if absent."""
         out, attrs = self._stored(image_id)
         if out.dtype != np.int8:
-            return np.asarray(out, dtype=np.float16)
+            return np.asarray(out, dtype=np.float32 if out.dtype == np.float32 else np.float16)
         shape = tuple(attrs.get("map_shape") or ())
         if out.ndim != 2 or len(shape) != 3 or out.shape != (_SCALE_ROWS + math.prod(shape[:2]), shape[-1]):
             raise StoreError(f"image {image_id}: int8 map of {out.shape} does not hold map_shape {list(shape)}: damaged")

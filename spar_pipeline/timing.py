@@ -31,7 +31,8 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["PAPER_SIZE", "PAPER_WARMUP", "PAPER_WINDOW_BATCH", "ForwardTime", "forward_time", "forward_seconds"]
+__all__ = ["PAPER_SIZE", "PAPER_WARMUP", "PAPER_WINDOW_BATCH", "ForwardTime", "forward_time", "forward_seconds",
+           "device_label"]
 
 PAPER_SIZE: tuple[int, int] = (1024, 2048)  # (height, width) of the timed image, the paper's Fig. 1
 PAPER_WARMUP = 10  # passes before the timed (11th) one
@@ -124,6 +125,16 @@ def forward_time(backbone, mode: str = "single", stride: int | None = None, *, s
     _MEASURED[key] = ForwardTime(mode, int(stride or 0) if mode == "sliding" else 0, (H, W), seconds, windows,
                                  len(batches), len(run), max(0, int(warmup)))
     return _MEASURED[key]
+
+
+def device_label(backbone) -> str:
+    """Where a timing was taken: the GPU's name, or "cpu, N threads" and the host."""
+    import platform
+
+    device = _device(backbone)
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} ({platform.node()})"
+    return f"{device.type}, {torch.get_num_threads()} threads ({platform.node()})"
 
 
 def forward_seconds(backbone, mode: str = "single", stride: int | None = None, **kwargs) -> float:

@@ -50,7 +50,8 @@ def test_extraction_flops_figures():
 
 
 def test_store_bench_json(results, monkeypatch):
-    monkeypatch.setattr(bench_store, "VARIANTS", [("zstd-3", "zstd", 3, "float16"), ("int8", "none", 0, "int8")])
+    monkeypatch.setattr(bench_store, "VARIANTS", [("zstd-3", "zstd", 3, "float16"), ("int8", "none", 0, "int8"),
+                                                  ("f32", "none", 0, "float32")])
     out = bench_store.main(quick=True)
     saved = json.loads((results / "store.json").read_text())
     assert saved["store"]["zstd-3"]["bytes_per_map"] == out["store"]["zstd-3"]["bytes_per_map"]
@@ -58,6 +59,10 @@ def test_store_bench_json(results, monkeypatch):
     assert 0 < row["bytes_vs_raw"] < 1.0  # lossless zstd shrinks the smooth synthetic maps
     assert row["read_mb_s"] > 0 and row["write_mb_s"] > 0 and saved["plain"]["read_mb_s"] > 0
     assert 0.5 < saved["store"]["int8"]["bytes_vs_raw"] < 0.55  # int8 values + float32 scales + metadata
+    assert 1.99 < saved["store"]["f32"]["bytes_vs_raw"] < 2.01  # twice float16's bytes, metadata aside
+    err = saved["float16_vs_float32"]  # float16 against float32 on mini-clip's real teacher maps
+    assert err["images"] == 2 and 0 < err["relative_mse"] < 1e-6 and err["cosine_min"] > 0.99999
+    assert 0 < err["mse_vs_single_pass_mse"] < 1e-4  # far below the error the student trains on
 
 
 def test_inference_bench_uses_the_papers_timing():

@@ -37,6 +37,11 @@ class OneHot(torch.nn.Module):
         super().__init__()
         self.calls = 0
 
+    def normalize(self, x, scale=1.0):
+        """As ``Backbone.normalize``: (x − scale·mean) / (scale·std)."""
+        mean, std = (torch.tensor(v, device=x.device).view(3, 1, 1) * scale for v in (self.mean, self.std))
+        return (x - mean) / std
+
     def dense(self, x):
         self.calls += 1
         k = torch.round(F.avg_pool2d(x[:, :1], 16) * 255 / 10).long().clamp(0, self.dim - 1)
@@ -311,3 +316,25 @@ def test_v1_evaluate_manifest_is_refused_with_the_way_out(tmp_path):
     pq.write_table(old, tmp_path / "run" / "manifests" / "evaluate" / "part-00000000000000000001-abcdef12.parquet")
     with pytest.raises(evaluate.EvaluateError, match=r"v1.*reads evaluate v2.*aside and evaluate again"):
         evaluate.run(run, {"voc21": str(_striped_voc(tmp_path))}, backbone=OneHot())
+
+
+def test_run_summary_speeds_are_measured_once_per_run_and_machine(tmp_path):
+    """The held-out look's forward seconds (the paper's protocol at 1024×2048) are kept in the run:
+    a later `run` of the same backbone on the same machine reuses them; other settings measure again."""
+    from spar_pipeline.report import look_speeds
+
+    run = Run(str(tmp_path / "run"))
+    recipe = load_recipe("tiny-cpu")
+    run.resolve_recipe(dataclasses.replace(recipe, evaluate=dataclasses.replace(recipe.evaluate, timing_warmup=0)))
+    model = CountingWindows(_Clock())
+    timing._MEASURED.clear()  # nothing measured yet in this process
+    first = look_speeds(run, model, model)
+    assert set(first) == {"single (student)", "sliding s=24 (teacher)", "sliding s=32 (teacher)"}
+    assert (1, 3, 1024, 2048) in model.shapes and (tmp_path / "run" / "reports" / "forward_seconds.json").is_file()
+    timing._MEASURED.clear()  # a new process
+    model.shapes.clear()
+    assert look_speeds(run, model, model) == first and model.shapes == []
+    kept = (tmp_path / "run" / "reports" / "forward_seconds.json").read_text()
+    (tmp_path / "run" / "reports" / "forward_seconds.json").write_text(kept.replace('"warmup": 0', '"warmup": 3'))
+    look_speeds(run, model, model)
+    assert model.shapes  # settings differ from the kept ones: measured again

@@ -327,3 +327,60 @@ def test_dequantize_matches_numpy_bits():
     a = _features(5, (7, 50, 768))  # more rows than one block of the blocked dequantisation
     q, s = quantize_int8(a)
     np.testing.assert_array_equal(dequantize_int8(q, s), (q.astype(np.float32) * s).astype(np.float16))
+
+
+@pytest.mark.parametrize("codec", ["none", "blosc"])
+def test_float32_store_keeps_the_teacher_exact(url, codec):
+    """store_dtype "float32" (what the reference stores): read returns the very float32 map written,
+    the checksum is of those float32 bytes (so verify sees a change float16 would round away), the
+    chunk is twice float16's, and a cut write still reads as missing (NaN fill)."""
+    st = FeatureStore.create(url, FP, codec=codec, dtype="float32")
+    st16 = FeatureStore.create(url + "16", FP, codec=codec)
+    assert FeatureStore.open(url).dtype == "float32" and "float32" in repr(st)
+    a = _features(1).astype(np.float32) + np.float32(1e-4)  # not representable in float16
+    c = st.write(1, a)
+    back = st.read(1)
+    assert back.dtype == np.float32 and back.flags.writeable
+    np.testing.assert_array_equal(back, a)
+    assert c == map_checksum(a) != map_checksum(a.astype(np.float16)) and st.verify(1, a.shape, c) is None
+    nudged = a.copy()
+    nudged[0, 0, 0] = np.nextafter(a[0, 0, 0], np.float32(np.inf))  # one float32 ulp
+    st.write(1, nudged)
+    assert st.verify(1, a.shape, c) == "checksum mismatch"
+    st16.write(1, a)
+    assert st16.read(1).dtype == np.float16  # the default store keeps the float16 contract
+    if url.startswith("s3://"):
+        return
+    chunk = lambda u: (Path(u) / "maps/1/c/0/0/0").stat().st_size  # noqa: E731
+    if codec == "none":
+        assert chunk(url) == a.size * 4 and chunk(url + "16") == a.size * 2
+    (Path(url) / "maps/1/c/0/0/0").unlink()
+    with pytest.raises(MapMissing):
+        st.read(1)
+
+
+@pytest.mark.slow
+def test_float32_recipe_extracts_float32_maps(tmp_path):
+    """[extract] store_dtype = "float32": extract writes the teacher as computed (no float16
+    rounding), the teacher fingerprint says float32, and a float16 run's store is refused for it."""
+    from spar_pipeline import extract
+    from spar_pipeline.resources import stages_dir
+
+    from test_extract import _check_done_once, _prepare, _teacher
+
+    text = (stages_dir() / "tiny-cpu.toml").read_text()
+    recipe = tmp_path / "f32.toml"
+    recipe.write_text(text.replace("images_per_task = 4", 'images_per_task = 4\nstore_dtype = "float32"'))
+    run = _prepare(str(tmp_path / "run"), tmp_path / "src", n_tars=1, per_tar=2, recipe=str(recipe))
+    extract.run(run, workers=1, progress=False)
+    rows = _check_done_once(run)
+    store = FeatureStore.open(run.url_for("features.zarr"))
+    assert store.dtype == "float32" and store.fingerprint["dtype"] == "float32"
+    first = rows[0]["image_id"]
+    got, ref = store.read(first), _teacher(run, first)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5)
+    assert np.abs(got - ref).max() < np.abs(ref.astype(np.float16).astype(np.float32) - ref).max()
+    other = dict(store.fingerprint, dtype="float16")
+    with pytest.raises(StoreError, match="dtype"):
+        FeatureStore.open(run.url_for("features.zarr"), fingerprint=other)
