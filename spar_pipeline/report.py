@@ -5,8 +5,10 @@
   paper does (``timing``: only the ViT forward passes of one 1024×2048 image, the recipe's warm-up
   passes, then one timed), and two pictures written to ``RUN/reports/`` (uploaded there for
   object-store runs): the PCA picture (teacher left, student right, one basis) and a segmentation
-  overlay. Done again on every call: it is cheap next to the stages, and it must reflect the newest
-  student.
+  overlay. The pictures are made again on every call (cheap, and they must show the newest
+  student); the speeds are measured once per run, machine and timing settings and kept in
+  ``RUN/reports/forward_seconds.json`` (``look_speeds``): a forward's cost depends on the
+  architecture and the machine, not on the weights, and a 1024×2048 sliding pass is slow on a CPU.
 - ``write_summary``: the stage counts, the teacher store, training, evaluation and the look, printed
   and kept in RUN/reports/summary.md.
 """
@@ -24,7 +26,7 @@ from spar_pipeline import manifest
 from spar_pipeline.run import Run
 from spar_pipeline.weights import BEST, load_models
 
-__all__ = ["held_out_look", "write_summary", "store_bytes", "DEMO_CLASSES"]
+__all__ = ["held_out_look", "look_speeds", "write_summary", "store_bytes", "DEMO_CLASSES"]
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +38,7 @@ def held_out_look(run: Run, *, classes: list[str] | None = None) -> dict[str, An
     """{"image_id", "size", "checkpoint", "seconds": {mode: forward s}, "forward_size", "pictures": {name: url}}."""
     from spar_pipeline import augmentation
     from spar_pipeline.pictures import pca_image, segment_image
-    from spar_pipeline.timing import PAPER_SIZE, forward_seconds
+    from spar_pipeline.timing import PAPER_SIZE
     from spar_pipeline.train import plan
 
     recipe = run.recipe
@@ -48,10 +50,7 @@ def held_out_look(run: Run, *, classes: list[str] | None = None) -> dict[str, An
     checkpoint = "best" if run.exists(*BEST) else "pretrained"
     teacher, student = load_models(None, checkpoint, run)
 
-    timed = dict(size=PAPER_SIZE, warmup=recipe.evaluate.timing_warmup, window_batch=recipe.evaluate.window_batch)
-    seconds = {"single (student)": forward_seconds(student, "single", **timed)}
-    for stride in dict.fromkeys([recipe.extract.stride, *recipe.evaluate.strides]):
-        seconds[f"sliding s={stride} (teacher)"] = forward_seconds(teacher, "sliding", stride, **timed)
+    seconds = look_speeds(run, teacher, student)
 
     pictures = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -71,6 +70,32 @@ def held_out_look(run: Run, *, classes: list[str] | None = None) -> dict[str, An
              *PAPER_SIZE, ", ".join(f"{k} {v:.4f} s" for k, v in seconds.items()))
     return {"image_id": image_id, "size": (int(image.shape[1]), int(image.shape[0])), "checkpoint": checkpoint,
             "seconds": seconds, "forward_size": PAPER_SIZE, "pictures": pictures}
+
+
+def look_speeds(run: Run, teacher, student) -> dict[str, float]:
+    """Forward seconds of the student single pass and the teacher sliding at the extract stride and
+    the evaluation strides (``timing``, the paper's protocol at 1024×2048, the recipe's warm-up and
+    sub-batch), taken from RUN/reports/forward_seconds.json when it was measured with the same
+    backbone, machine and settings, else measured and written there."""
+    import json
+
+    from spar_pipeline.timing import PAPER_SIZE, device_label, forward_seconds
+
+    recipe = run.recipe
+    timed = dict(size=PAPER_SIZE, warmup=recipe.evaluate.timing_warmup, window_batch=recipe.evaluate.window_batch)
+    strides = list(dict.fromkeys([recipe.extract.stride, *recipe.evaluate.strides]))
+    key = dict(backbone=recipe.recipe.backbone, device=device_label(teacher), strides=strides,
+               **{**timed, "size": list(PAPER_SIZE)})
+    where = ("reports", "forward_seconds.json")
+    if run.exists(*where):
+        kept = json.loads(run.read_bytes(*where))
+        if kept.get("key") == key:
+            return kept["seconds"]
+    seconds = {"single (student)": forward_seconds(student, "single", **timed)}
+    for stride in strides:
+        seconds[f"sliding s={stride} (teacher)"] = forward_seconds(teacher, "sliding", stride, **timed)
+    run.write_bytes_atomic(json.dumps(dict(key=key, seconds=seconds), indent=1).encode(), *where)
+    return seconds
 
 
 def store_bytes(run: Run, rows: list[dict]) -> tuple[int, int, str]:
