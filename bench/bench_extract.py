@@ -90,8 +90,7 @@ def steady(run, name: str, warm: int) -> dict:
     torch.set_float32_matmul_precision("medium")
     fp = extract.teacher_fingerprint(run, b.weights_digest, b.patch_size)
     FeatureStore.create(run.store_url, fp, codec=r.extract.codec, level=r.extract.codec_level)
-    spec = extract.ExtractSpec(run.url, {}, name, "", r.extract.window, r.extract.stride, r.extract.window_batch,
-                               r.extract.precision, r.ingest.max_pixels, fp)
+    spec = extract.ExtractSpec(run.url, {}, name, "", r.extract, r.ingest.max_pixels, fp)
     extract._MODELS.clear()
     extract._MODELS[(name, "")] = b
     items = extract.plan(run)

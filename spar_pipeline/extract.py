@@ -21,7 +21,7 @@ import socket
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -29,6 +29,7 @@ import numpy as np
 
 from spar_pipeline import manifest
 from spar_pipeline.errors import RunError
+from spar_pipeline.recipe import ExtractConfig
 from spar_pipeline.run import Run
 
 __all__ = ["ExtractSpec", "teacher_fingerprint", "extract_batch", "run", "plan"]
@@ -38,16 +39,14 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ExtractSpec:
-    """Everything a worker needs, picklable and free of live objects."""
+    """Everything a worker needs, picklable and free of live objects: the recipe's typed ``[extract]``
+    (``window_batch`` may be the command's), not a copy of its fields."""
 
     run_url: str
     storage_options: dict
     backbone: str
     checkpoint: str
-    window: int
-    stride: int
-    window_batch: int
-    precision: str
+    extract: ExtractConfig
     max_pixels: int
     fingerprint: dict
 
@@ -112,20 +111,21 @@ def _worker_id() -> str:
 def _autocast_dtype(spec: ExtractSpec, device):
     import torch
 
-    if spec.precision == "fp32":
+    precision = spec.extract.precision
+    if precision == "fp32":
         return None
     if device.type == "cuda":
-        return torch.bfloat16 if spec.precision == "bf16" else torch.float16
+        return torch.bfloat16 if precision == "bf16" else torch.float16
     # CPU: bf16 autocast when the recipe asks for bf16 (x1.7-1.8 on AMX, bench profile); fp16 autocast is
     # slow on CPUs, so the reference's "fp16" runs in float32 there
-    return torch.bfloat16 if spec.precision == "bf16" else None
+    return torch.bfloat16 if precision == "bf16" else None
 
 
 def _windows(img, spec: ExtractSpec) -> int:
     from spar_pipeline.windows import window_starts
 
-    return len(window_starts(img.shape[-2], spec.window, spec.stride)) * len(
-        window_starts(img.shape[-1], spec.window, spec.stride))
+    window, stride = spec.extract.window, spec.extract.stride
+    return len(window_starts(img.shape[-2], window, stride)) * len(window_starts(img.shape[-1], window, stride))
 
 
 def _reject(item: dict, reason: str, fp: dict, worker: str) -> dict:
@@ -174,7 +174,8 @@ def extract_batch(spec: ExtractSpec, items: list[dict]) -> dict:
                 return
             images = [backbone.normalize(img.to(device, non_blocking=True).float().div_(255.0)) for _, img in group]
             tf = time.perf_counter()
-            maps = sliding_features_many(backbone, images, spec.window, spec.stride, batch=spec.window_batch,
+            maps = sliding_features_many(backbone, images, spec.extract.window, spec.extract.stride,
+                                         batch=spec.extract.window_batch,
                                          autocast_dtype=_autocast_dtype(spec, device))
             elapsed = time.perf_counter() - tf
             forward_seconds += elapsed
@@ -205,7 +206,7 @@ def extract_batch(spec: ExtractSpec, items: list[dict]) -> dict:
                 continue
             group.append((item, img))
             group_windows += _windows(img, spec)
-            if group_windows >= spec.window_batch:
+            if group_windows >= spec.extract.window_batch:
                 flush()
         flush()
         for item, half, secs, wins, fut in writes:
@@ -261,8 +262,8 @@ def run(run: Run, *, gpus: list[int] | None = None, workers: int | None = None, 
         log.info("extract: nothing pending")
         return dict(done=0, rejected=0, windows=0, forward_seconds=0.0, task_seconds=0.0, seconds=0.0)
     spec = ExtractSpec(run.url, run.storage_options, recipe.recipe.backbone, recipe.recipe.checkpoint,
-                       recipe.extract.window, recipe.extract.stride, window_batch or recipe.extract.window_batch,
-                       recipe.extract.precision, recipe.ingest.max_pixels, fp)
+                       replace(recipe.extract, window_batch=window_batch or recipe.extract.window_batch),
+                       recipe.ingest.max_pixels, fp)
     batches = _batches(items, recipe.extract.images_per_task)
     totals = dict(done=0, rejected=0, windows=0, forward_seconds=0.0, task_seconds=0.0)
     per_worker: dict[str, int] = {}

@@ -195,13 +195,17 @@ def test_cpu_autocast_only_when_the_recipe_says_bf16():
     "fp32" keep float32 on CPU; on CUDA the recipe's dtype is used as is."""
     from dataclasses import replace
 
-    spec = extract.ExtractSpec("", {}, "tiny-siglip", "", 64, 24, 8, "fp16", 1, {})
+    from spar_pipeline.recipe import load_recipe
+
+    cfg = replace(load_recipe("tiny-cpu").extract, precision="fp16")
+    spec = extract.ExtractSpec("", {}, "tiny-siglip", "", cfg, 1, {})
+    with_precision = lambda p: replace(spec, extract=replace(cfg, precision=p))  # noqa: E731
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert extract._autocast_dtype(spec, cpu) is None
-    assert extract._autocast_dtype(replace(spec, precision="fp32"), cpu) is None
-    assert extract._autocast_dtype(replace(spec, precision="bf16"), cpu) is torch.bfloat16
+    assert extract._autocast_dtype(with_precision("fp32"), cpu) is None
+    assert extract._autocast_dtype(with_precision("bf16"), cpu) is torch.bfloat16
     assert extract._autocast_dtype(spec, cuda) is torch.float16
-    assert extract._autocast_dtype(replace(spec, precision="fp32"), cuda) is None
+    assert extract._autocast_dtype(with_precision("fp32"), cuda) is None
     b = build("tiny-siglip").eval()
     x = torch.randn(1, 3, 96, 128)
     with torch.no_grad():

@@ -207,8 +207,7 @@ def test_run_kind(tmp_path, augmented, caplog, kind):
         b = build("tiny-siglip", checkpoint=str(ckpt))
         fp = extract.teacher_fingerprint(run, b.weights_digest, b.patch_size)
         FeatureStore.create(run.url_for("features.zarr"), fp)
-        spec = extract.ExtractSpec(run.url, {}, "tiny-siglip", str(ckpt), r.extract.window, r.extract.stride,
-                                   r.extract.window_batch, r.extract.precision, r.ingest.max_pixels, fp)
+        spec = extract.ExtractSpec(run.url, {}, "tiny-siglip", str(ckpt), r.extract, r.ingest.max_pixels, fp)
         items = extract.plan(run)[:3]
         with caplog.at_level(logging.WARNING, logger="spar_pipeline.extract"):
             rep = extract.extract_batch(spec, items)

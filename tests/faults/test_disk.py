@@ -69,8 +69,7 @@ def test_map_write_fails_no_row_for_it(tmp_path, monkeypatch, augmented, code):
     b = build(r.recipe.backbone)
     fp = extract.teacher_fingerprint(run, b.weights_digest, b.patch_size)
     FeatureStore.create(run.url_for("features.zarr"), fp)
-    spec = extract.ExtractSpec(run.url, {}, r.recipe.backbone, r.recipe.checkpoint, r.extract.window, r.extract.stride,
-                               r.extract.window_batch, r.extract.precision, r.ingest.max_pixels, fp)
+    spec = extract.ExtractSpec(run.url, {}, r.recipe.backbone, r.recipe.checkpoint, r.extract, r.ingest.max_pixels, fp)
     items = extract.plan(run)[:3]
     victim = items[1]["image_id"]
     _fail_renames(monkeypatch, code, f"/maps/{victim}/c/")
