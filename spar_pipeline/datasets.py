@@ -115,6 +115,8 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
 
     from spar_pipeline.imageio import orient, orientation
 
+    if os.path.exists(path) and not os.path.isfile(path):  # a pipe or device: the read could wait forever
+        raise DatasetError(f"{path}: not a regular file")
     data = np.fromfile(str(path), dtype=np.uint8)
     bgr = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION) if data.size else None
     if bgr is None:

@@ -19,9 +19,9 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
-from spar_pipeline.errors import EndpointError, SparError, first_line
+from spar_pipeline.errors import EndpointError, OptionError, SparError, first_line
 
-__all__ = ["Engine", "open_engine", "worker_device"]
+__all__ = ["Engine", "open_engine", "check_scheduler", "worker_device"]
 
 log = logging.getLogger(__name__)
 
@@ -97,11 +97,11 @@ def open_engine(
     with dask.config.set({"distributed.scheduler.allowed-failures": 3, "distributed.worker.daemon": False}):
         if scheduler:
             client = _connect(Client, scheduler)
-            info = client.scheduler_info().get("workers", {})
-            if not info:
+            try:
+                info = _check_workers(client, scheduler)
+            except EndpointError:
                 client.close()
-                raise EndpointError(f"scheduler {scheduler} has no workers: the tasks would wait forever; start "
-                                    f"workers with `dask worker {scheduler}` (add --resources GPU=1 on GPU machines)")
+                raise
             has_gpu = any(w.get("resources", {}).get("GPU") for w in info.values())
             try:
                 yield Engine(client, {"GPU": 1} if has_gpu else None, f"scheduler {scheduler} ({len(info)} workers)")
@@ -141,6 +141,36 @@ def open_engine(
         finally:
             client.close()
             cluster.close()
+
+
+def check_scheduler(scheduler: str) -> None:
+    """Refuse, before any work, a ``--scheduler`` that is no Dask address (scheme://host:port), does not
+    answer, or has no workers."""
+    from distributed import Client
+    from distributed.comm.addressing import parse_address, parse_host_port
+    from distributed.comm.registry import get_backend
+
+    try:
+        scheme, location = parse_address(scheduler)
+        get_backend(scheme)
+        if scheme in ("tcp", "tls", "ws", "wss"):
+            parse_host_port(location)
+    except ValueError as e:
+        raise OptionError(f"--scheduler {scheduler!r}: not a Dask scheduler address ({first_line(e)}); "
+                          "e.g. --scheduler tcp://host:8786") from None
+    client = _connect(Client, scheduler)
+    try:
+        _check_workers(client, scheduler)
+    finally:
+        client.close()
+
+
+def _check_workers(client, scheduler: str) -> dict:
+    info = client.scheduler_info().get("workers", {})
+    if not info:
+        raise EndpointError(f"scheduler {scheduler} has no workers: the tasks would wait forever; start "
+                            f"workers with `dask worker {scheduler}` (add --resources GPU=1 on GPU machines)")
+    return info
 
 
 def _connect(client_cls, scheduler: str):

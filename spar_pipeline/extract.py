@@ -226,10 +226,7 @@ def extract_batch(spec: ExtractSpec, items: list[dict]) -> dict:
 def plan(run: Run, limit: int | None = None) -> list[dict]:
     """Pending images with their ingest and augment rows, largest first."""
     ingest = {r["image_id"]: r for r in manifest.read_manifest(run, "ingest").to_pylist()}
-    augmented = manifest.read_manifest(run, "augment")
-    if not augmented.num_rows:
-        raise RunError(f"{run}: nothing augmented yet; run `spar-pipeline augment --run {run.url}` first")
-    todo = manifest.pending(augmented, manifest.read_manifest(run, "extract"))
+    todo = manifest.pending(manifest.read_manifest(run, "augment"), manifest.read_manifest(run, "extract"))
     items = [dict(image_id=a["image_id"], ingest=ingest[a["image_id"]], augment=a)
              for a in todo.to_pylist() if a["image_id"] in ingest]
     items.sort(key=lambda it: (-(it["augment"]["height"] * it["augment"]["width"]), it["image_id"]))
@@ -248,6 +245,8 @@ def run(run: Run, *, gpus: list[int] | None = None, workers: int | None = None, 
     from spar_pipeline.store import FeatureStore
 
     recipe = run.recipe
+    if not manifest.read_manifest(run, "augment").num_rows:  # before the teacher is built or the store made
+        raise RunError(f"{run}: nothing augmented yet; run `spar-pipeline augment --run {run.url}` first")
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     t0 = time.perf_counter()
     # Built on CPU only to fingerprint the weights: the client never initialises CUDA.

@@ -155,6 +155,8 @@ def _expand(src: str, storage_options: dict | None) -> tuple[list[str], list[Ima
     elif fs.isdir(path):
         found, root = fs.find(path, detail=True), path.rstrip("/")
     elif fs.exists(path):
+        if fs.info(path).get("type") == "other":  # a pipe or device: reading it could wait forever
+            raise SourceError("not a regular file (a pipe or a device)")
         if not image_ext(path):
             return [_canonical(fs, src, path)], []
         found, root = {path: fs.info(path)}, path.rsplit("/", 1)[0]

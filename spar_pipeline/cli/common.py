@@ -127,10 +127,28 @@ def reporting() -> Iterator[None]:
     except KeyboardInterrupt:
         _fail("interrupted; run the same command again to finish what is left", 130)
     except Exception as e:  # noqa: BLE001 - a bug: say so in one line, the traceback on request
+        store = _object_store_error(e)
+        if store:
+            _fail(store, 2)
         if verbose:
             raise
-        _fail(f"unexpected {first_line(e, MESSAGE_LIMIT, typed=True)} (a bug; spar-pipeline --verbose "
-              f"{' '.join(sys.argv[1:2]) or 'COMMAND'} ... shows the traceback)", 1)
+        _fail(f"unexpected {first_line(e, MESSAGE_LIMIT, typed=True)} (a bug; `spar-pipeline --verbose` before "
+              "the same command shows the traceback)", 1)
+
+
+def _object_store_error(e: BaseException) -> Optional[str]:
+    """The line for an object store client's own error that s3fs passes through (no endpoint, no
+    credentials: after botocore's retries), else None."""
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+    except ImportError:  # pragma: no cover - s3fs not installed: no S3 URLs either
+        return None
+    if isinstance(e, NoCredentialsError):
+        return ("object store: no credentials; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), "
+                "or --storage-options '{\"anon\": true}' for a public bucket")
+    if isinstance(e, (BotoCoreError, ClientError)):
+        return f"object store: {first_line(e, MESSAGE_LIMIT)}"
+    return None
 
 
 def storage(storage_options: Optional[str]) -> Optional[dict]:
@@ -180,6 +198,14 @@ def names(option: str, value: Optional[str], example: str) -> Optional[list[str]
     if not items:
         raise OptionError(f"{option} {value!r}: expected comma-separated names, e.g. {option} {example}")
     return items
+
+
+def scheduler_ok(scheduler: Optional[str]) -> None:
+    """A given ``--scheduler`` answers and has workers (checked before any work)."""
+    if scheduler is not None:
+        from spar_pipeline.engine import check_scheduler
+
+        check_scheduler(scheduler)
 
 
 def datasets(items: List[str]) -> dict[str, str]:

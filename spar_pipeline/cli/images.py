@@ -41,7 +41,7 @@ def segment(
             raise OptionError("--mode sliding needs --stride S, e.g. --stride 24")
         if mode is Mode.single and stride is not None:
             raise OptionError(f"--stride {stride} applies to --mode sliding only; add --mode sliding")
-        class_lines = pictures.parse_classes(classes)
+        class_lines = [c for c in pictures.parse_classes(classes) if c.strip()]
         if not class_lines:
             raise OptionError(f"--classes {classes!r}: no class names; give e.g. --classes \"road, car, sky\"")
         info = pictures.segment_image(image, class_lines, out, backbone=backbone, checkpoint=checkpoint,

@@ -11,9 +11,9 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 
-from spar_pipeline.cli.common import (Count, Mode, RecipeOpt, RunOpt, StorageOpt, app, console, datasets, gpu_ids, names, one_of,
-                                      open_run, reporting)
-from spar_pipeline.errors import OptionError
+from spar_pipeline.cli.common import (Count, Mode, RecipeOpt, RunOpt, StorageOpt, app, console, datasets, gpu_ids,
+                                      names, one_of, open_run, reporting, scheduler_ok)
+from spar_pipeline.errors import OptionError, SourceError
 
 TarsOpt = typer.Option(None, help="With --links: comma-separated tar names, e.g. sa_000000,sa_000001.")
 MaxIdOpt = typer.Option(None, min=0, help="Keep sa_<id> with id ≤ N (recipe default; paper: 25000).")
@@ -60,6 +60,9 @@ def ingest(
         report = stage.run(r, list(sources or []), links=links, tars=tar_names, datasets=list(dataset), sample=sample,
                            seed=seed, max_id=max_id, limit=limit, storage_options=r.storage_options)
         console.print(f"ingest: {report}")
+        if report["failed_tars"] + report["failed_images"] and not any(
+                report[k] for k in ("ok", "rejected", "duplicates", "skipped_tars", "skipped_images")):
+            raise SourceError("ingest: no source could be read (the lines above say why); nothing ingested")
 
 
 @app.command()
@@ -104,6 +107,7 @@ def extract(
 
         one_of(gpus=gpus, workers=workers, scheduler=scheduler)
         ids = gpu_ids(gpus)
+        scheduler_ok(scheduler)
         r = open_run(run, recipe, storage_options)
         report = stage.run(r, gpus=ids, workers=workers, scheduler=scheduler, window_batch=window_batch, limit=limit)
         console.print(f"extract: {report}")
@@ -213,6 +217,7 @@ def run_cmd(
 
         one_of(gpus=gpus, workers=workers, scheduler=scheduler)
         ids, tar_names, benchmarks = gpu_ids(gpus), _links(links, tars), datasets(dataset)
+        scheduler_ok(scheduler)
         r = open_run(run, recipe, storage_options, default="tiny-cpu")
         out = run_all(r, list(sources or []), gpus=ids, workers=workers, scheduler=scheduler, limit=limit,
                       epochs=epochs, datasets=benchmarks, links=links, tars=tar_names, max_id=max_id)
