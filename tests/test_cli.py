@@ -90,3 +90,10 @@ def test_verify_and_repair_redo_a_damaged_map(cli_run):
     assert rows[victim["image_id"]]["status"] == "redo"
     cli("extract", "--run", run, "--workers", "1")
     assert "'damaged': 0" in cli("verify", "--run", run).stdout
+
+
+def test_usage_errors_are_one_line_and_verbose_is_declared_once(tmp_path):
+    out = cli("extract", "--run", str(tmp_path / "r"), "--workers", "0", check=False)
+    lines = [l for l in out.stderr.splitlines() if l.strip()]
+    assert out.returncode == 2 and len(lines) == 1 and "'--workers': 0 is not allowed" in lines[0], out.stderr
+    assert "--verbose" in cli("--help").stdout and "--verbose" not in cli("extract", "--help").stdout

@@ -75,17 +75,21 @@ class Mode(str, Enum):
     sliding = "sliding"
 
 
-def _at_least_one(value: Any) -> Any:
-    for v in value if isinstance(value, (list, tuple)) else [value]:
-        if v is not None and v < 1:
-            raise typer.BadParameter(f"{v} is not allowed; it must be ≥ 1 (leave the option out for the default)")
-    return value
+def _at_least(minimum: int):
+    def check(value: Any) -> Any:
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if v is not None and v < minimum:
+                raise typer.BadParameter(f"{v} is not allowed; it must be ≥ {minimum} (leave the option out for "
+                                         "the default)")
+        return value
+
+    return check
 
 
-def Count(default: Any = None, *names: str, help: str) -> Any:  # noqa: N802 - reads like typer.Option
-    """An option holding a count or size (workers, epochs, a limit, a stride): refused below 1, never read
-    as "the default" (0 would silently mean it)."""
-    return typer.Option(default, *names, callback=_at_least_one, help=help)
+def Count(default: Any = None, *names: str, help: str, minimum: int = 1) -> Any:  # noqa: N802 - reads like typer.Option
+    """An option holding a count or size (workers, epochs, a limit, a stride): refused below ``minimum``,
+    never read as "the default" (0 would silently mean it)."""
+    return typer.Option(default, *names, callback=_at_least(minimum), help=help)
 
 
 RunOpt = typer.Option(..., "--run", help="Run folder: a local path or an fsspec URL such as s3://bucket/prefix.")

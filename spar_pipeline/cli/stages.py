@@ -16,7 +16,7 @@ from spar_pipeline.cli.common import (Count, Mode, RecipeOpt, RunOpt, StorageOpt
 from spar_pipeline.errors import OptionError, SourceError
 
 TarsOpt = typer.Option(None, help="With --links: comma-separated tar names, e.g. sa_000000,sa_000001.")
-MaxIdOpt = typer.Option(None, min=0, help="Keep sa_<id> with id ≤ N (recipe default; paper: 25000).")
+MaxIdOpt = Count(None, minimum=0, help="Keep sa_<id> with id ≤ N (recipe default; paper: 25000).")
 EpochsOpt = Count(None, help="Override the recipe's epochs.")
 
 

@@ -54,7 +54,7 @@ CASES: list[tuple[str, list[str], str]] = [
     ("pca_stride_0", ["pca", "{img}", "--stride", "0"], "'--stride': 0"),
     ("pretrain_steps_0", ["pretrain-mini", "--steps", "0"], "'--steps': 0"),
     ("pretrain_minutes_0", ["pretrain-mini", "--minutes", "0"], "--minutes 0.0: must be > 0"),
-    ("max_id_negative", ["ingest", "{src}", "--run", "{new}", "--max-id", "-1"], "--max-id"),
+    ("max_id_negative", ["ingest", "{src}", "--run", "{new}", "--max-id", "-1"], "'--max-id': -1 is not allowed"),
     # closed sets, combinations
     ("eval_mode_unknown", ["evaluate", "--run", "{run}", "--mode", "fast"], "'fast' is not one of"),
     ("segment_mode_unknown", ["segment", "{img}", "--classes", "a", "--mode", "tiled"], "'tiled' is not one of"),
