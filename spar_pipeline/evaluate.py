@@ -10,7 +10,7 @@ manifest with the same image count is not redone. Finally ``RUN/reports/table.md
 ``table.csv`` are rewritten from the whole manifest in the shape of the paper's Table 1.
 
 Text features are computed once per dataset with the PRETRAINED backbone's text tower,
-before any student checkpoint is loaded (SPAR_PROTOCOL §5), so a checkpoint that also
+before any student checkpoint is loaded (docs/reference.md, "Evaluation"), so a checkpoint that also
 fine-tuned the text tower does not change them.
 """
 
