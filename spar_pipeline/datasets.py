@@ -1,6 +1,6 @@
 """The six evaluation benchmarks in their mmseg layouts: one string-keyed registry.
 
-Each entry is data (SPAR_PROTOCOL §5, per-dataset table): where the images and annotations
+Each entry is data (docs/reference.md, "Evaluation"): where the images and annotations
 lie under the dataset root, the split file (or none: the image folder is scanned
 recursively, as mmseg does), the file suffixes, whether the zero label is reduced (0 → 255,
 others − 1), the class-name file shipped in ``spar_pipeline/assets/classnames`` and which

@@ -3,7 +3,7 @@
 One confusion matrix is accumulated over every image; per-class IoU = TP / (TP + FP + FN). A
 class absent from both prediction and ground truth over the whole set is left out of the mean
 (its IoU is nan); a class predicted but never in the ground truth counts as 0. Pixels whose
-target is ``ignore_index`` (255) are dropped (SPAR_PROTOCOL §5, "Metric").
+target is ``ignore_index`` (255) are dropped (docs/reference.md, "Evaluation", Metric).
 """
 
 from __future__ import annotations

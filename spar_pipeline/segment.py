@@ -1,9 +1,10 @@
 """The open-vocabulary segmentation head shared by ``evaluate`` and the ``segment`` tool.
 
-SPAR_PROTOCOL §5: keep-ratio resize (mmcv rule, cv2 bilinear), normalise, dense features,
-L2-normalise, cosine with the query embeddings, bilinear (align_corners False) to the
-ORIGINAL image size, × logit_scale + logit_bias, softmax over all queries, max over each
-class's synonyms, area threshold, argmax, probability threshold → class 0.
+The reference's evaluation (docs/reference.md, "Evaluation"): keep-ratio resize (mmcv rule, cv2
+bilinear), normalise, dense features, L2-normalise, cosine with the query embeddings, bilinear
+(align_corners False) to the ORIGINAL image size, × logit_scale + logit_bias, softmax over all
+queries, max over each class's synonyms, area threshold, argmax, probability threshold → class
+0.
 
 Sizes that are not multiples of the patch size are left to the backbone, as the reference
 does: SigLIP2 zero-pads the normalised image bottom/right (ceil grid), MaskCLIP drops the

@@ -1,9 +1,10 @@
 """The sliding-window teacher: windows of K at stride s, stitched on an r× sub-patch canvas.
 
-Rule (SPAR_PROTOCOL §2): starts 0, s, 2s, … ≤ L−K plus L−K; r = P / gcd(P, s) so every start
-lands on the 1/r-patch grid; each window's K/P × K/P map is bilinearly upsampled ×r
-(align_corners False), summed into a float32 canvas of rH/P × rW/P with counts, averaged, then
-resized bilinearly to H/P × W/P. A side shorter than K gets one window of that side's length.
+Rule (docs/reference.md, "Teacher: windows and stitching"): starts 0, s, 2s, … ≤ L−K plus
+L−K; r = P / gcd(P, s) so every start lands on the 1/r-patch grid; each window's K/P × K/P
+map is bilinearly upsampled ×r (align_corners False), summed into a float32 canvas of rH/P ×
+rW/P with counts, averaged, then resized bilinearly to H/P × W/P. A side shorter than K gets
+one window of that side's length.
 Windows of several images may share a forward batch (the extract stage feeds it that way).
 """
 

@@ -25,8 +25,9 @@ def _image(h: int, w: int, seed: int = 0) -> torch.Tensor:
 
 
 def _reference(backbone, x: torch.Tensor, window: int, stride: int) -> torch.Tensor:
-    """Protocol §2 by brute force: every window alone, then per canvas cell the plain average of the
-    ×r-upsampled windows that cover it, then back to the patch grid."""
+    """The teacher rule (docs/reference.md, "Teacher: windows and stitching") by brute force: every
+    window alone, then per canvas cell the plain average of the ×r-upsampled windows that cover
+    it, then back to the patch grid."""
     H, W = x.shape[-2:]
     r = next(r for r in range(1, P + 1) if P % r == 0 and stride % (P // r) == 0)
 
