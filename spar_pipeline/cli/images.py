@@ -1,4 +1,4 @@
-"""Commands on one image: segment it, dump its dense features, picture its principal components."""
+"""Commands on one image: segment it, picture its principal components (features: ``cli.use``)."""
 
 from __future__ import annotations
 
@@ -48,23 +48,6 @@ def segment(
                                    run=tool_run(run, storage_options), logit_scale=logit_scale, prob_thd=prob_thd,
                                    mode=mode.value, stride=stride)
         typer.echo(f"segment: wrote {info['out']} (classes present: {', '.join(info['present']) or 'none'})")
-
-
-@app.command()
-def features(
-    image: str = ImageArg,
-    out: str = typer.Option(..., "--out", help="FILE.npy to write (float32 h × w × D, no pickle)."),
-    checkpoint: str = CkptOpt,
-    run: Optional[str] = ToolRunOpt,
-    backbone: Optional[str] = BackboneOpt,
-    storage_options: Optional[str] = StorageOpt,
-) -> None:
-    """Raw dense features of one single pass on the full image: h × w × D float32, not normalised."""
-    with reporting():
-        from spar_pipeline import pictures
-
-        shape = pictures.features(image, out, backbone=backbone, checkpoint=checkpoint, run=tool_run(run, storage_options))
-        typer.echo(f"features: wrote {out} shape {list(shape)}")
 
 
 @app.command()
