@@ -1,13 +1,16 @@
 """The ``evaluate`` stage: open-vocabulary mIoU on the six benchmarks, single-pass and sliding.
 
-One unit of work is one (model, mode, stride, dataset): every image is segmented with
-``segment.predict``, a ``SegMetric`` accumulates the whole set, and one evaluate-manifest row is
-written with two speeds: ``forward_seconds``, the paper's figure (``timing``: only the ViT forward
-passes of one 1024×2048 image, warm-up passes then one timed; the same for every dataset of a
-model × mode × stride), and ``predict_seconds``, the mean wall time of the whole ``predict``
-(resize, forward, similarity, upsampling, post-processing) per image of this dataset. A key already in the
-manifest with the same image count is not redone. Finally ``RUN/reports/table.md`` and
-``table.csv`` are rewritten from the whole manifest in the shape of the paper's Table 1.
+One unit of work is one (model, mode, stride, scale, dataset): every image is resized to ``scale`` ×
+the recipe's evaluation size and segmented with ``segment.predict``, a ``SegMetric`` accumulates the
+whole set, and one evaluate-manifest row is written with its per-class IoU (``class_iou`` in class
+order, ``class_names``) and two speeds: ``forward_seconds``, the paper's figure (``timing``: only the
+ViT forward passes of one image of the timing size × ``scale``, 1024×2048 at scale 1, warm-up passes
+then one timed; the same for every dataset of a model × mode × stride × scale), and
+``predict_seconds``, the mean wall time of the whole ``predict`` (resize, forward, similarity,
+upsampling, post-processing) per image of this dataset. A model is ``pretrained``, a student's name
+(its best epoch) or a weights file (``weights.resolve_checkpoint``). A key already in the manifest
+with the same image count is not redone. Finally ``RUN/reports/table.md`` and ``table.csv`` are
+rewritten from the whole manifest in the shape of the paper's Table 1.
 
 Text features are computed once per dataset with the PRETRAINED backbone's text tower,
 before any student checkpoint is loaded (docs/reference.md, "Evaluation"), so a checkpoint that also
@@ -42,31 +45,33 @@ MODE_CHOICES = ("single", "sliding")
 
 # ---- public ------------------------------------------------------------------------------
 def run(run: Run | None, datasets: dict[str, str], *, checkpoints: Sequence[str] = ("pretrained",),
-        modes: Sequence[str] = ("single",), strides: Sequence[int] | None = None, limit: int | None = None,
-        backbone=None, recipe=None, device: str | torch.device | None = None, redo: bool = False,
+        modes: Sequence[str] = ("single",), strides: Sequence[int] | None = None,
+        scales: Sequence[float] = (1.0,), limit: int | None = None, backbone=None, recipe=None,
+        device: str | torch.device | None = None, redo: bool = False,
         timing_size: Sequence[int] = PAPER_SIZE) -> list[dict]:
-    """CLI ``evaluate``: mIoU of each checkpoint × mode(/stride) × dataset; rows returned and, with a run,
-    written to the evaluate manifest plus RUN/reports/table.md and table.csv.
+    """CLI ``evaluate``: mIoU of each checkpoint × mode(/stride) × scale × dataset; rows returned and, with
+    a run, written to the evaluate manifest plus RUN/reports/table.md and table.csv.
 
     ``datasets``: benchmark name -> dataset root (``--dataset NAME=PATH``, repeatable).
-    ``checkpoints``: "pretrained" (the recipe's weights), "best" (RUN/checkpoints/best.safetensors) or a
-    file path (``--checkpoint``, repeatable). ``modes``: "single" and/or "sliding" (``--mode``).
-    ``strides``: sliding strides (``--stride``, repeatable; default the recipe's ``evaluate.strides``).
-    ``limit``: first N images of each dataset (``--limit``). ``backbone``: a backbone name overriding the
-    recipe's, or a built Backbone used as the pretrained model. ``recipe``: a Recipe or preset name
-    (default the run's frozen one). ``redo``: evaluate again even when the manifest has the row.
-    ``timing_size``: (height, width) of the image ``forward_seconds`` is timed on (the paper's 1024×2048).
+    ``checkpoints``: "pretrained" (the recipe's weights), a student's name (its best epoch; "best" is the
+    default student) or a file path (``--checkpoint``, repeatable). ``modes``: "single" and/or "sliding"
+    (``--mode``). ``strides``: sliding strides (``--stride``, repeatable; default the recipe's
+    ``evaluate.strides``). ``scales``: factors of the recipe's evaluation size (``--scale``, repeatable;
+    the paper's Fig. 3 resolution axis). ``limit``: first N images of each dataset (``--limit``).
+    ``backbone``: a backbone name overriding the recipe's, or a built Backbone used as the pretrained
+    model. ``recipe``: a Recipe or preset name (default the run's frozen one). ``redo``: evaluate again
+    even when the manifest has the row. ``timing_size``: (height, width) of the image ``forward_seconds``
+    is timed on at scale 1 (the paper's 1024×2048; × scale, each side rounded, at other scales).
     """
     from spar_pipeline.backbones import build
-    from spar_pipeline.datasets import get_dataset, resize_scale, templates
-    from spar_pipeline.metrics import SegMetric
-    from spar_pipeline.segment import predict
+    from spar_pipeline.datasets import get_dataset, templates
 
     recipe = _recipe(run, recipe)
     cfg = recipe.evaluate
     if not datasets:
         raise EvaluateError("no dataset given; pass --dataset NAME=PATH, e.g. --dataset voc21=data/VOCdevkit/VOC2012")
     plan = _plan(modes, cfg.strides if strides is None else strides)
+    factors = _scales(scales)
     benches = {}
     for name, root in datasets.items():
         if name not in cfg.datasets:
@@ -75,8 +80,8 @@ def run(run: Run | None, datasets: dict[str, str], *, checkpoints: Sequence[str]
         benches[name] = get_dataset(name, root)
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     pretrained, bname = pretrained_model(backbone, recipe, dev)
-    labels = _labels(checkpoints)
-    paths = {ck: resolve_checkpoint(run, ck) for ck in checkpoints}  # fail early on a missing file
+    paths = {ck: resolve_checkpoint(run, ck) for ck in checkpoints}  # fail early on a missing file or name
+    labels = _labels(checkpoints, paths)
 
     # Text features once per dataset, from the pretrained text tower (never a student's), when first needed.
     tmpl, text = templates(), {}
@@ -92,43 +97,62 @@ def run(run: Run | None, datasets: dict[str, str], *, checkpoints: Sequence[str]
     for ck, label in zip(checkpoints, labels):
         model = None
         for mode, stride in plan:
-            for name, bench in benches.items():
-                n = len(bench) if limit is None else min(int(limit), len(bench))
-                key = (label, mode, stride, name)
-                if key in existing and existing[key]["images"] == n:
-                    log.info("evaluate %s: already in the manifest, skipped", "/".join(map(str, key)))
-                    rows.append(existing[key])
-                    continue
-                txt = text_of(name)  # before the student is built: the pretrained text tower
-                if model is None:
-                    model = pretrained if paths[ck] is None else build(bname, paths[ck], device=dev)
-                ds_cfg, scale = cfg.datasets[name], resize_scale(name, cfg)
-                metric = SegMetric(bench.num_classes)
-                spent = 0.0
-                for i in range(n):
-                    image, gt, _ = bench[i]
-                    t0 = time.perf_counter()
-                    pred = predict(model, image, txt, ds_cfg, scale, mode, stride or None, cfg.window_batch)
-                    spent += time.perf_counter() - t0  # predict returns on the host: already synchronised
-                    metric.update(pred, gt)
-                predict_seconds = spent / n if n else math.nan
-                fwd = forward_time(model, mode, stride or None, size=timing_size, warmup=cfg.timing_warmup,
-                                   window_batch=cfg.window_batch)
-                miou = metric.compute()["miou"]
-                row = {"model": label, "mode": mode, "stride": int(stride), "dataset": name, "miou": float(miou),
-                       "forward_seconds": float(fwd.seconds), "forward_height": fwd.size[0],
-                       "forward_width": fwd.size[1], "predict_seconds": float(predict_seconds), "images": int(n)}
-                log.info("evaluate %s %s%s %s: mIoU %.2f over %d images, %.4f s/image end to end; forward %.4f s "
-                         "at %d×%d", label, mode, f" s={stride}" if stride else "", name, miou, n, predict_seconds,
-                         fwd.seconds, *fwd.size)
-                if run is not None:
-                    from spar_pipeline.manifest import write_part
+            for scale in factors:
+                for name, bench in benches.items():
+                    n = len(bench) if limit is None else min(int(limit), len(bench))
+                    key = (label, mode, stride, scale, name)
+                    if key in existing and existing[key]["images"] == n:
+                        log.info("evaluate %s: already in the manifest, skipped", "/".join(map(str, key)))
+                        rows.append(existing[key])
+                        continue
+                    txt = text_of(name)  # before the student is built: the pretrained text tower
+                    if model is None:
+                        model = pretrained if paths[ck] is None else build(bname, paths[ck], device=dev)
+                    row = _evaluate_one(model, label, bench, name, n, txt, cfg, mode, stride, scale, timing_size)
+                    if run is not None:
+                        from spar_pipeline.manifest import write_part
 
-                    write_part(run, STAGE, [row])
-                rows.append(row)
+                        write_part(run, STAGE, [row])
+                    rows.append(row)
     if run is not None:
         write_table(run)
     return rows
+
+
+def _evaluate_one(model, label: str, bench, name: str, n: int, text, cfg, mode: str, stride: int, scale: float,
+                  timing_size: Sequence[int]) -> dict:
+    """One manifest row: ``n`` images of ``bench`` at ``scale`` × the recipe's
+    resize, their mIoU and per-class IoU, the forward timing at ``timing_size`` × ``scale``."""
+    from spar_pipeline.datasets import resize_scale
+    from spar_pipeline.metrics import SegMetric
+    from spar_pipeline.segment import predict
+
+    ds_cfg, size = cfg.datasets[name], scaled(resize_scale(name, cfg), scale)
+    metric = SegMetric(bench.num_classes)
+    spent = 0.0
+    for i in range(n):
+        image, gt, _ = bench[i]
+        t0 = time.perf_counter()
+        pred = predict(model, image, text, ds_cfg, size, mode, stride or None, cfg.window_batch)
+        spent += time.perf_counter() - t0  # predict returns on the host: already synchronised
+        metric.update(pred, gt)
+    predict_seconds = spent / n if n else math.nan
+    fwd = forward_time(model, mode, stride or None, size=scaled(timing_size, scale), warmup=cfg.timing_warmup,
+                       window_batch=cfg.window_batch)
+    result = metric.compute()
+    log.info("evaluate %s %s%s ×%g %s: mIoU %.2f over %d images, %.4f s/image end to end; forward %.4f s at %d×%d",
+             label, mode, f" s={stride}" if stride else "", scale, name, result["miou"], n, predict_seconds, fwd.seconds,
+             *fwd.size)
+    return {"model": label, "mode": mode, "stride": int(stride), "scale": float(scale), "dataset": name,
+            "miou": float(result["miou"]), "forward_seconds": float(fwd.seconds), "forward_height": fwd.size[0],
+            "forward_width": fwd.size[1], "predict_seconds": float(predict_seconds), "images": int(n),
+            "class_iou": [float(v) for v in result["iou"]],
+            "class_names": [line.strip() for line in bench.class_lines]}
+
+
+def scaled(size: Sequence[int], scale: float) -> tuple[int, ...]:
+    """``size`` × ``scale``, each side rounded (at least 1): the evaluated resize and the timed image."""
+    return tuple(max(1, int(round(int(v) * float(scale)))) for v in size)
 
 
 @torch.no_grad()
@@ -142,6 +166,7 @@ def heldout_mse(run: Run, checkpoints: Sequence[str], backbone: str | None = Non
         yield ck, feature_mse(model, run)
 
 
+@torch.no_grad()
 def feature_mse(backbone, run: Run | str, image_ids: Sequence[int] | None = None, device=None) -> float:
     """Held-out teacher MSE: mean over ``image_ids`` (default: the held-out slice that ``train`` never
     trains on and validates with) of the MSE between ``backbone``'s single-pass dense map of the
@@ -173,7 +198,7 @@ def feature_mse(backbone, run: Run | str, image_ids: Sequence[int] | None = None
 
 
 def table_rows(rows: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
-    """Table 1 shape: one row per model × mode[/stride], one column per dataset (registry order),
+    """Table 1 shape: one row per model × mode[/stride][×scale, when not 1], one column per dataset (registry order),
     then Mean (Mean6 when all six benchmarks are present; blank when a row lacks a dataset), the
     forward seconds of one image as the paper times it ("forward s @H×W") and the mean end-to-end
     seconds per image over the row's datasets ("predict s/img"). Returns (header, rows of formatted cells)."""
@@ -185,15 +210,16 @@ def table_rows(rows: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
     mean_name = "Mean6" if set(order) <= set(present) else "Mean"
     grid: dict[tuple, dict[str, dict]] = {}
     for r in rows:
-        grid.setdefault((r["model"], r["mode"], int(r["stride"])), {})[r["dataset"]] = r
+        grid.setdefault((r["model"], r["mode"], int(r["stride"]), float(r.get("scale", 1.0))), {})[r["dataset"]] = r
     sizes = {(r["forward_height"], r["forward_width"]) for r in rows}
     fwd_name = "forward s" + (f" @{next(iter(sizes))[0]}×{next(iter(sizes))[1]}" if len(sizes) == 1 else "")
     header = ["model", "mode", *present, mean_name, fwd_name, "predict s/img"]
     out = []
-    for (model, mode, stride), cells in grid.items():
+    for (model, mode, stride, scale), cells in grid.items():
         vals = [cells[d]["miou"] if d in cells else None for d in present]
         mean = (sum(vals) / len(vals)) if vals and all(v is not None for v in vals) else None
-        out.append([model, mode if mode == "single" else f"{mode} s={stride}", *(_fmt(v) for v in vals), _fmt(mean),
+        how = (mode if mode == "single" else f"{mode} s={stride}") + ("" if scale == 1.0 else f" ×{scale:g}")
+        out.append([model, how, *(_fmt(v) for v in vals), _fmt(mean),
                     _mean_cell(cells.values(), "forward_seconds"), _mean_cell(cells.values(), "predict_seconds")])
     return header, out
 
@@ -248,28 +274,42 @@ def _plan(modes: Sequence[str], strides: Sequence[int]) -> list[tuple[str, int]]
     return list(dict.fromkeys(plan))
 
 
-def _labels(checkpoints: Sequence[str]) -> list[str]:
-    """Row labels: "pretrained", "best", or a file's stem (its full path when two stems clash)."""
+def _scales(scales: Sequence[float]) -> list[float]:
+    out = []
+    for f in scales:
+        if not (isinstance(f, (int, float)) and math.isfinite(f) and f > 0):
+            raise EvaluateError(f"--scale {f}: must be a number > 0 (1 = the recipe's evaluation size)")
+        out.append(float(f))
+    if not out:
+        raise EvaluateError("no scale given; use --scale 1 for the recipe's evaluation size")
+    return list(dict.fromkeys(out))
+
+
+def _labels(checkpoints: Sequence[str], paths: dict[str, str | None]) -> list[str]:
+    """Row labels: "pretrained", a student's name as given ("best" included), or a weights file's stem
+    (its full path when two stems clash). A checkpoint is a file when it resolved to itself."""
     if not checkpoints:
-        raise EvaluateError("no checkpoint given; use pretrained, best or a weights file")
-    stems = [c if c in ("pretrained", "best") else Path(c).stem for c in checkpoints]
+        raise EvaluateError("no checkpoint given; use pretrained, a student name or a weights file")
+    stems = [Path(c).stem if paths[c] == c else c for c in checkpoints]
     return [s if stems.count(s) == 1 else c for s, c in zip(stems, checkpoints)]
 
 
 def _existing(run: Run) -> dict[tuple, dict]:
-    return {(r["model"], r["mode"], int(r["stride"]), r["dataset"]): r for r in _manifest_rows(run)}
+    return {(r["model"], r["mode"], int(r["stride"]), float(r["scale"]), r["dataset"]): r
+            for r in _manifest_rows(run)}
 
 
 def _manifest_rows(run: Run) -> list[dict]:
-    """The evaluate manifest's rows; a run evaluated by an older version (v1 rows timed the whole
-    predict) is refused with the way out, since its rows are cheap to redo."""
+    """The evaluate manifest's rows; a run evaluated by an older version is refused with the way out
+    (v1 rows timed the whole predict; v2 rows have no scale and no per-class IoU, which are not guessed)."""
     from spar_pipeline.manifest import ManifestError, read_manifest
 
     try:
         return read_manifest(run, STAGE).to_pylist()
     except ManifestError as e:
         raise EvaluateError(f"{e}; or move {run.url_for('manifests', STAGE)} aside and evaluate again "
-                            "(v2 rows time only the forward passes, as the paper does)") from None
+                            "(v3 rows time only the forward passes, as the paper does, and keep scale and "
+                            "per-class IoU)") from None
 
 
 def _fmt(v: float | None) -> str:

@@ -50,6 +50,8 @@ _TYPES = {
     "float64": pa.float64(),
     "string": pa.string(),
     "bool": pa.bool_(),
+    "list<float64>": pa.list_(pa.float64()),  # evaluate's per-class IoU
+    "list<string>": pa.list_(pa.string()),
 }
 _META_STAGE = b"spar.stage"
 _META_VERSION = b"spar.schema_version"

@@ -1,7 +1,8 @@
 """Which weights a model is built from: the one place that turns (backbone, checkpoint, run) into models.
 
-``checkpoint`` is "pretrained" (the recipe's base weights, else the backbone's own), "best" (the
-run's ``RUN/checkpoints/best.safetensors``, copied to a local file for an object-store run) or a
+``checkpoint`` is "pretrained" (the recipe's base weights, else the backbone's own), a student's
+name (its best epoch, copied to a local file for an object-store run; ``student_checkpoint`` is the one
+place a name becomes a file), "best" (the default student, the name older runs and callers use) or a
 weights file. ``backbone`` is a name (default: the run's recipe backbone), or a Backbone already
 built, used as the pretrained model. The pretrained model is also what gives text features, so a
 student that fine-tuned its text tower never changes them (see docs/reference.md).
@@ -17,30 +18,56 @@ import torch
 from spar_pipeline.errors import EvaluateError
 from spar_pipeline.run import Run
 
-__all__ = ["BEST", "DEFAULT_BACKBONE", "resolve_checkpoint", "pretrained_model", "load_models"]
+__all__ = ["BEST", "DEFAULT_BACKBONE", "DEFAULT_STUDENT", "UnknownStudent", "student_checkpoint",
+           "resolve_checkpoint", "pretrained_model", "load_models"]
 
 BEST = ("checkpoints", "best.safetensors")  # the run's best student, written by train
 DEFAULT_BACKBONE = "siglip2-b16-512"  # without a run or a --backbone
+DEFAULT_STUDENT = "default"  # the student "best" means
+
+
+class UnknownStudent(EvaluateError):
+    """A name that is not one of the run's students (it may still be a weights file)."""
+
+
+def student_checkpoint(run: Run, name: str) -> tuple[str, ...]:
+    """Parts (``run.path(*parts)``) of student ``name``'s best-epoch weights: the one place a student
+    name becomes a file. Unknown names raise ``UnknownStudent`` naming the known ones; a known student
+    not trained yet is refused with the command that trains it.
+
+    Today a run holds one student, ``default``, at ``RUN/checkpoints/best.safetensors``."""
+    known = [DEFAULT_STUDENT]
+    if name not in known:
+        raise UnknownStudent(f"{run.url}: no student {name!r} (students: {', '.join(known)})")
+    if not run.exists(*BEST):
+        raise EvaluateError(f"{run.url_for(*BEST)}: no best checkpoint yet for student {name!r}; "
+                            "run `spar-pipeline train` first")
+    return BEST
 
 
 def resolve_checkpoint(run: Run | None, checkpoint: str) -> str | None:
-    """A local weights file for "best" (RUN/checkpoints/best.safetensors, copied from a remote run)
-    or a path; None for "pretrained"."""
+    """A local weights file for a student name or "best" (its best epoch, copied from a remote run) or
+    a path; None for "pretrained". A run's student name wins over a file of the same name."""
     if checkpoint == "pretrained":
         return None
-    if checkpoint == "best":
-        if run is None:
-            raise EvaluateError("--checkpoint best needs --run (it reads RUN/checkpoints/best.safetensors)")
-        if not run.exists(*BEST):
-            raise EvaluateError(f"{run.url_for(*BEST)}: no best checkpoint yet; run `spar-pipeline train` first")
-        if run.local:
-            return run.path(*BEST)
-        local = os.path.join(tempfile.mkdtemp(prefix="spar-ckpt-"), "best.safetensors")
-        run.fs.get(run.path(*BEST), local)
-        return local
-    if not os.path.isfile(checkpoint):
-        raise EvaluateError(f"checkpoint {checkpoint!r}: no such file; use pretrained, best or a weights file")
-    return checkpoint
+    name = DEFAULT_STUDENT if checkpoint == "best" else checkpoint
+    if run is None:
+        if checkpoint == "best" or not os.path.isfile(checkpoint):
+            raise EvaluateError(f"--checkpoint {checkpoint}: no such file, and a student name needs --run; "
+                                "use pretrained, a student name with --run, or a weights file")
+        return checkpoint
+    try:
+        parts = student_checkpoint(run, name)
+    except UnknownStudent as e:
+        if checkpoint == "best" or not os.path.isfile(checkpoint):
+            raise UnknownStudent(f"--checkpoint {checkpoint}: no such file, and {e}; use pretrained, "
+                                 "a student name or a weights file") from None
+        return checkpoint
+    if run.local:
+        return run.path(*parts)
+    local = os.path.join(tempfile.mkdtemp(prefix="spar-ckpt-"), parts[-1])
+    run.fs.get(run.path(*parts), local)
+    return local
 
 
 def pretrained_model(backbone, recipe, device: torch.device):

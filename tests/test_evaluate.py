@@ -314,7 +314,7 @@ def test_v1_evaluate_manifest_is_refused_with_the_way_out(tmp_path):
     old = old.replace_schema_metadata({b"spar.stage": b"evaluate", b"spar.schema_version": b"1"})
     (tmp_path / "run" / "manifests" / "evaluate").mkdir(parents=True)
     pq.write_table(old, tmp_path / "run" / "manifests" / "evaluate" / "part-00000000000000000001-abcdef12.parquet")
-    with pytest.raises(evaluate.EvaluateError, match=r"v1.*reads evaluate v2.*aside and evaluate again"):
+    with pytest.raises(evaluate.EvaluateError, match=r"v1.*reads evaluate v3.*aside and evaluate again"):
         evaluate.run(run, {"voc21": str(_striped_voc(tmp_path))}, backbone=OneHot())
 
 
@@ -338,3 +338,134 @@ def test_run_summary_speeds_are_measured_once_per_run_and_machine(tmp_path):
     (tmp_path / "run" / "reports" / "forward_seconds.json").write_text(kept.replace('"warmup": 0', '"warmup": 3'))
     look_speeds(run, model, model)
     assert model.shapes  # settings differ from the kept ones: measured again
+
+
+def _parts(run: Run) -> list[str]:
+    from pathlib import Path
+
+    folder = Path(run.path("manifests", "evaluate"))
+    return sorted(p.name for p in folder.glob("part-*.parquet")) if folder.is_dir() else []
+
+
+def test_scale_and_stride_sweep_rows_class_iou_and_a_rerun_does_only_missing_rows(tmp_path):
+    """(model, mode, stride, scale, dataset) rows: images resized to scale × the recipe's size, timed at
+    scale × the timing size; per-class IoU in class order whose mean over present classes is the mIoU;
+    a rerun evaluates nothing, a new scale only its own rows."""
+    from spar_pipeline.datasets import class_lines, get_dataset
+
+    root = _striped_voc(tmp_path)  # 64×96 images; resize (96, 64) keeps them at 64×96
+    run = Run(str(tmp_path / "run"))
+    recipe = load_recipe("tiny-cpu")
+    run.resolve_recipe(dataclasses.replace(recipe, evaluate=dataclasses.replace(recipe.evaluate, resize=(96, 64),
+                                                                                timing_warmup=0)))
+    model = CountingWindows(_Clock())
+    timing._MEASURED.clear()
+    sweep = dict(modes=("single", "sliding"), strides=[16, 32], backbone=model, timing_size=(96, 192))
+    rows = evaluate.run(run, {"voc21": str(root)}, scales=[0.5, 1.0], **sweep)
+    plan = [("single", 0), ("sliding", 16), ("sliding", 32)]
+    assert [(r["model"], r["mode"], r["stride"], r["scale"]) for r in rows] == [
+        ("pretrained", m, s, f) for m, s in plan for f in (0.5, 1.0)]
+    assert {(r["scale"], r["forward_height"], r["forward_width"]) for r in rows} == {(0.5, 48, 96), (1.0, 96, 192)}
+    assert (1, 3, 32, 48) in model.shapes and (1, 3, 48, 96) in model.shapes  # evaluated and timed at half size
+    full = [r for r in rows if r["scale"] == 1.0]
+    assert all(r["miou"] == pytest.approx(100.0) for r in full)  # the perfect predictor at its own resolution
+    assert next(r for r in rows if r["scale"] == 0.5 and r["mode"] == "single")["miou"] < 99.0  # stripes blur
+
+    bench = get_dataset("voc21", str(root))
+    present = set().union(*(set(np.unique(bench[i][1]).tolist()) for i in range(len(bench)))) - {255}
+    for r in read_manifest(run, "evaluate").to_pylist():
+        assert r["class_names"] == [line.strip() for line in class_lines("voc21")] and len(r["class_iou"]) == 21
+        assert np.nanmean(r["class_iou"]) == pytest.approx(r["miou"])
+        if r["scale"] == 1.0:  # classes absent from ground truth and prediction are NaN, the others 100
+            assert [c for c, v in enumerate(r["class_iou"]) if not math.isnan(v)] == sorted(present)
+    md = (tmp_path / "run" / "reports" / "table.md").read_text()
+    assert "| pretrained | sliding s=16 ×0.5 |" in md and "| pretrained | sliding s=16 |" in md
+
+    before, model.shapes = _parts(run), []
+    again = evaluate.run(run, {"voc21": str(root)}, scales=[1.0, 0.5], **sweep)
+    assert _parts(run) == before and model.shapes == []  # nothing evaluated, nothing timed, nothing written
+    assert sorted((r["mode"], r["stride"], r["scale"], r["miou"]) for r in again) == sorted(
+        (r["mode"], r["stride"], r["scale"], r["miou"]) for r in rows)
+    more = evaluate.run(run, {"voc21": str(root)}, scales=[0.75, 1.0], **sweep)
+    assert len(_parts(run)) == len(before) + 3 and len(more) == 6  # only the three 0.75 rows were new
+    assert read_manifest(run, "evaluate").num_rows == 9
+    with pytest.raises(evaluate.EvaluateError, match=r"--scale 0.0: must be a number > 0"):
+        evaluate.run(run, {"voc21": str(root)}, scales=[0.0], **sweep)
+
+
+def test_student_names_resolve_through_weights_and_unknown_ones_are_refused(tmp_path, tiny):
+    """A student's name is its best epoch (label = the name); a weights file keeps its stem; an unknown
+    name is one line listing the run's students, before any work."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from spar_pipeline import weights
+
+    data = tmp_path / "data"
+    make_synthetic("voc20", data, n=1, size=(48, 64))
+    run = Run(str(tmp_path / "run"))
+    recipe = load_recipe("tiny-cpu")
+    run.resolve_recipe(dataclasses.replace(recipe, evaluate=dataclasses.replace(recipe.evaluate, timing_warmup=0)))
+    with pytest.raises(evaluate.EvaluateError, match="no best checkpoint yet for student 'default'"):
+        weights.resolve_checkpoint(run, "default")
+    state = {k: v.clone().contiguous() for k, v in tiny.state_dict().items()}
+    state[next(k for k in state if k.endswith("weight") and "trunk.blocks" in k)] += 0.5
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    save_file(state, run.path(*weights.BEST))
+    assert weights.resolve_checkpoint(run, "default") == weights.resolve_checkpoint(run, "best") == run.path(*weights.BEST)
+
+    with pytest.raises(weights.UnknownStudent) as refused:
+        evaluate.run(run, {"voc20": str(data)}, checkpoints=["pretrained", "nosuch"])
+    assert "\n" not in str(refused.value) and "no student 'nosuch' (students: default)" in str(refused.value)
+    assert _parts(run) == []  # refused before any model ran
+
+    copy = tmp_path / "blk1.safetensors"
+    shutil.copy(run.path(*weights.BEST), copy)
+    rows = evaluate.run(run, {"voc20": str(data)}, checkpoints=["default", str(copy)], scales=[0.5],
+                        timing_size=(64, 128))
+    assert [(r["model"], r["scale"], r["forward_height"]) for r in rows] == [("default", 0.5, 32), ("blk1", 0.5, 32)]
+    assert rows[0]["miou"] == rows[1]["miou"] and rows[0]["class_iou"] == rows[1]["class_iou"]  # the same weights
+
+
+def test_v2_evaluate_manifest_is_refused_with_the_way_out(tmp_path):
+    """v2 rows have no scale and no per-class IoU; they are not guessed: one line says to move them aside."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    run = Run(str(tmp_path / "run"))
+    run.resolve_recipe("tiny-cpu")
+    one = lambda v, t: pa.array([v], t)  # noqa: E731
+    old = pa.table({"model": ["pretrained"], "mode": ["single"], "stride": one(0, pa.int32()), "dataset": ["voc21"],
+                    "miou": [1.0], "forward_seconds": [0.1], "forward_height": one(1024, pa.int32()),
+                    "forward_width": one(2048, pa.int32()), "predict_seconds": [0.2], "images": one(1, pa.int32())})
+    old = old.replace_schema_metadata({b"spar.stage": b"evaluate", b"spar.schema_version": b"2"})
+    (tmp_path / "run" / "manifests" / "evaluate").mkdir(parents=True)
+    pq.write_table(old, tmp_path / "run" / "manifests" / "evaluate" / "part-00000000000000000001-abcdef12.parquet")
+    with pytest.raises(evaluate.EvaluateError, match=r"v2.*reads evaluate v3.*aside and evaluate again") as e:
+        evaluate.run(run, {"voc21": str(_striped_voc(tmp_path))}, backbone=OneHot())
+    assert "\n" not in str(e.value) and len(_parts(run)) == 1  # nothing added to the old manifest
+
+
+def test_cli_scale_sweep_and_refusals(tmp_path):
+    """`evaluate --scale F` (repeatable) through the real app: one printed row per scale; a scale ≤ 0 and
+    an unknown student are one line each."""
+    from typer.testing import CliRunner
+
+    from spar_pipeline.cli import app
+
+    data = tmp_path / "data"
+    make_synthetic("voc20", data, n=1, size=(48, 64))
+    cli = CliRunner()
+    args = ["evaluate", "--recipe", "tiny-cpu", "--dataset", f"voc20={data}"]
+    out = cli.invoke(app, [*args, "--scale", "0.25", "--scale", "0.125"])
+    assert out.exit_code == 0, out.output
+    lines = [l for l in out.output.splitlines() if l.strip().startswith("pretrained ")]  # the rows, not the log
+    assert len(lines) == 2 and "×0.25" in lines[0] and "@256×512" in lines[0] and "@128×256" in lines[1]
+    bad = cli.invoke(app, [*args, "--scale", "0"])
+    assert bad.exit_code != 0 and "--scale 0.0: must be a number > 0" in bad.output
+    run = Run(str(tmp_path / "run"))
+    run.resolve_recipe("tiny-cpu")
+    bad = cli.invoke(app, ["evaluate", "--run", run.url, "--dataset", f"voc20={data}", "--checkpoint", "nosuch"])
+    assert bad.exit_code != 0 and "no student 'nosuch' (students: default)" in bad.output
+    assert len([l for l in bad.output.splitlines() if l.strip()]) == 1

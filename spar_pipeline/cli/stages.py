@@ -150,12 +150,15 @@ def evaluate(
     dataset: List[str] = typer.Option([], "--dataset", help="NAME=PATH, repeatable; NAME in voc21, voc20, context60, "
                                       "context59, ade20k, cityscapes; PATH the dataset root in the mmseg layout. "
                                       "None: the held-out teacher MSE of each checkpoint (needs --run)."),
-    run: Optional[str] = typer.Option(None, "--run", help="Run folder (its recipe, best checkpoint and reports)."),
+    run: Optional[str] = typer.Option(None, "--run", help="Run folder (its recipe, students and reports)."),
     recipe: Optional[str] = typer.Option(None, "--recipe", help="Preset or TOML path when there is no --run."),
-    checkpoint: List[str] = typer.Option(["pretrained"], "--checkpoint", help="pretrained, best or a weights file; "
-                                         "repeatable to compare several models in one call."),
+    checkpoint: List[str] = typer.Option(["pretrained"], "--checkpoint", help="pretrained, a student's name (its "
+                                         "best epoch; best = the default student) or a weights file; repeatable "
+                                         "to compare several models in one call."),
     mode: List[Mode] = typer.Option([Mode.single], "--mode", help="single and/or sliding (repeatable)."),
     stride: List[int] = Count([], "--stride", help="Sliding stride(s), repeatable (recipe default)."),
+    scale: List[float] = typer.Option([], "--scale", help="Resolution factor F > 0, repeatable: images resized "
+                                      "to F × the recipe's evaluation size, timed at F × 1024×2048 (default 1)."),
     backbone: Optional[str] = typer.Option(None, help="Backbone name overriding the recipe's."),
     limit: Optional[int] = Count(None, help="First N images of each dataset."),
     redo: bool = typer.Option(False, "--redo", help="Evaluate again rows already in the manifest."),
@@ -164,7 +167,8 @@ def evaluate(
     """Open-vocabulary mIoU on the benchmarks, single pass and/or sliding window, with seconds per image.
 
     Reads: the datasets, the checkpoint(s). Writes (with --run): RUN/manifests/evaluate/ (a row per model,
-    mode, stride, dataset) and RUN/reports/table.md + table.csv. Resume: rows already there are skipped.
+    mode, stride, scale, dataset, with per-class IoU) and RUN/reports/table.md + table.csv. Resume: rows
+    already there are skipped.
     """
     with reporting():
         from spar_pipeline import evaluate as stage
@@ -174,16 +178,19 @@ def evaluate(
             raise OptionError("give --dataset NAME=PATH, or --run RUN for the held-out teacher MSE of each checkpoint")
         if stride and "sliding" not in modes:
             raise OptionError(f"--stride {stride[0]} applies to --mode sliding only; add --mode sliding")
+        if scale and not benchmarks:
+            raise OptionError(f"--scale {scale[0]:g} applies to benchmarks only; add --dataset NAME=PATH")
         r = open_run(run, recipe, storage_options) if run else None
         if not benchmarks:
             for ck, mse in stage.heldout_mse(r, checkpoint, backbone=backbone):
                 typer.echo(f"{ck:>12} held-out teacher MSE {mse:.6g}")
             return
-        rows = stage.run(r, benchmarks, checkpoints=checkpoint, modes=modes, strides=stride or None, limit=limit,
-                         backbone=backbone, recipe=None if r is not None else recipe, redo=redo)
+        rows = stage.run(r, benchmarks, checkpoints=checkpoint, modes=modes, strides=stride or None,
+                         scales=scale or (1.0,), limit=limit, backbone=backbone,
+                         recipe=None if r is not None else recipe, redo=redo)
         for row in rows:
-            s = f" s={row['stride']}" if row["stride"] else ""
-            typer.echo(f"{row['model']:>12} {row['mode']}{s:<6} {row['dataset']:<11} mIoU {row['miou']:6.2f}  "
+            s = (f" s={row['stride']}" if row["stride"] else "") + (f" ×{row['scale']:g}" if row["scale"] != 1 else "")
+            typer.echo(f"{row['model']:>12} {row['mode']}{s:<11} {row['dataset']:<11} mIoU {row['miou']:6.2f}  "
                        f"{row['predict_seconds']:.4f} s/image end to end, forward {row['forward_seconds']:.4f} s "
                        f"@{row['forward_height']}×{row['forward_width']}  ({row['images']} images)")
         if r is not None:
