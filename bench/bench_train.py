@@ -87,9 +87,10 @@ def _siglip2_run(tmp: Path, n: int, workers: int):
 
 
 def _loader_rate(run) -> float:
-    from spar_pipeline.train import PairDataset, plan
+    from spar_pipeline.pairs import PairDataset
+    from spar_pipeline.split import training_items
 
-    items, _ = plan(run)
+    items, _ = training_items(run)
     ds = PairDataset(items, run.store_url, {}, run.recipe.ingest.max_pixels)
     ds[0]
     t = time.perf_counter()

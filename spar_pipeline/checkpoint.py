@@ -9,7 +9,10 @@ Loading parses JSON and safetensors only, never pickle.
 
 The checkpointer owns the interval and the retention (torchtitan's ``keep_latest_k``): a
 step checkpoint every ``every`` steps, the latest ``keep_latest_k`` of them kept; every
-epoch-end checkpoint is kept (the best one is always among them).
+epoch-end checkpoint is kept (the best one is always among them). It also exports the best
+student: ``best.safetensors`` (the whole backbone, for ``build(name, checkpoint=...)``),
+``best_open_clip.safetensors`` (open_clip families: the wrapped model in open_clip's key layout)
+and ``best.json`` (which epoch, its val_mse), written in that order.
 """
 
 from __future__ import annotations
@@ -28,13 +31,16 @@ from spar_pipeline.errors import CheckpointError, first_line
 from spar_pipeline.fsutil import redact
 from spar_pipeline.run import Run
 
-__all__ = ["Checkpointer", "CheckpointError", "encode_state", "decode_state"]
+__all__ = ["Checkpointer", "CheckpointError", "encode_state", "decode_state", "BEST", "BEST_OPEN_CLIP", "BEST_INFO"]
 
 log = logging.getLogger(__name__)
 
 FORMAT = 1
 FOLDER = "checkpoints"
 _NAME = re.compile(r"^ckpt-(\d{9})\.(json|safetensors)$")
+BEST = "best.safetensors"
+BEST_OPEN_CLIP = "best_open_clip.safetensors"
+BEST_INFO = "best.json"
 
 
 # ---- state tree <-> (JSON tree, flat tensors) ----------------------------------------------
@@ -182,11 +188,30 @@ class Checkpointer:
             self._rm(step, names[step])
 
     def clear(self) -> int:
-        """Remove every checkpoint (a run restarted with resume off); returns how many."""
+        """Remove every checkpoint and the best student (a run restarted with resume off); returns
+        how many checkpoints there were."""
         names = self._names()
         for step, kinds in names.items():
             self._rm(step, kinds)
+        for name in (BEST_INFO, BEST, BEST_OPEN_CLIP):
+            if self.run.exists(FOLDER, name):
+                self.run.fs.rm(self.run.path(FOLDER, name))
         return len(names)
+
+    # ---- the best student ------------------------------------------------------------------
+    def export_best(self, model: torch.nn.Module, info: dict) -> None:
+        """Write ``model`` as the best student (where enabled), ``info`` last as ``best.json``."""
+        if not self.enabled:
+            return
+        from safetensors.torch import save as st_save
+
+        def blob(sd: dict) -> bytes:
+            return st_save({k: v.detach().to("cpu").clone().contiguous() for k, v in sd.items()})
+
+        self.run.write_bytes_atomic(blob(model.state_dict()), FOLDER, BEST)
+        if getattr(model, "family", None) in ("siglip", "maskclip"):  # the wrapped open_clip model, in its own layout
+            self.run.write_bytes_atomic(blob(model.model.state_dict()), FOLDER, BEST_OPEN_CLIP)
+        self.run.write_bytes_atomic(json.dumps(info, indent=2).encode(), FOLDER, BEST_INFO)
 
     # ---- loading --------------------------------------------------------------------------
     def entries(self) -> list[int]:

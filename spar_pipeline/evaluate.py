@@ -173,14 +173,18 @@ def feature_mse(backbone, run: Run | str, image_ids: Sequence[int] | None = None
     augmented image and the stored teacher map, over all h·w·D elements (the training loss)."""
     from spar_pipeline.augmentation import augmented_image
     from spar_pipeline.store import FeatureStore
-    from spar_pipeline.train import TrainError, plan
+    from spar_pipeline.errors import TrainError
+    from spar_pipeline.split import training_items
 
     run = Run(run) if isinstance(run, str) else run
     if image_ids is None:
         try:
-            image_ids = [it.image_id for it in plan(run)[1]]
+            image_ids = [it.image_id for it in training_items(run)[1]]
         except TrainError as e:
             raise EvaluateError(str(e)) from None
+        if not image_ids:
+            raise EvaluateError(f"{run}: no held-out images ([train].holdout_fraction = 0); evaluate on a "
+                                "benchmark with --dataset NAME=PATH instead")
     if not image_ids:
         raise EvaluateError(f"{run}: no extracted images to compare with; run `spar-pipeline extract` first")
     store = FeatureStore.open(run.store_url, storage_options=run.storage_options)

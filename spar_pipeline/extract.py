@@ -77,9 +77,9 @@ _MODELS: dict[tuple, Any] = {}
 
 
 def _device():
-    import torch
+    from spar_pipeline.devices import worker_device
 
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    return worker_device()
 
 
 def _model(spec: ExtractSpec):
@@ -109,16 +109,9 @@ def _worker_id() -> str:
 
 
 def _autocast_dtype(spec: ExtractSpec, device):
-    import torch
+    from spar_pipeline.devices import autocast_dtype  # the one rule, shared with train
 
-    precision = spec.extract.precision
-    if precision == "fp32":
-        return None
-    if device.type == "cuda":
-        return torch.bfloat16 if precision == "bf16" else torch.float16
-    # CPU: bf16 autocast when the recipe asks for bf16 (x1.7-1.8 on AMX, bench profile); fp16 autocast is
-    # slow on CPUs, so the reference's "fp16" runs in float32 there
-    return torch.bfloat16 if precision == "bf16" else None
+    return autocast_dtype(spec.extract.precision, device)
 
 
 def _windows(img, spec: ExtractSpec) -> int:
@@ -188,7 +181,7 @@ def extract_batch(spec: ExtractSpec, items: list[dict]) -> dict:
                     rows.append(_reject(item, "teacher map holds NaN or Inf", fp, worker))
                     continue
                 with np.errstate(over="ignore"):  # an overflow is caught just below, as a rejected row
-                    half = arr.astype(np.float16)
+                    half = arr if store.dtype == "float32" else arr.astype(np.float16)  # float32: as computed
                 if not np.isfinite(half).all():
                     log.warning("image %s: teacher map overflows float16; rejected", item["image_id"])
                     rows.append(_reject(item, "teacher map overflows float16", fp, worker))

@@ -39,10 +39,10 @@ def held_out_look(run: Run, *, classes: list[str] | None = None) -> dict[str, An
     from spar_pipeline import augmentation
     from spar_pipeline.pictures import pca_image, segment_image
     from spar_pipeline.timing import PAPER_SIZE
-    from spar_pipeline.train import plan
+    from spar_pipeline.split import training_items
 
     recipe = run.recipe
-    _, held_out = plan(run)
+    _, held_out = training_items(run)
     if not held_out:
         return {}
     image_id = held_out[0].image_id

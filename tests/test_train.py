@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from spar_pipeline import augment, extract, ingest, manifest, train
+from spar_pipeline import augment, extract, ingest, manifest, split, train
 from spar_pipeline.backbones import build
 from spar_pipeline.checkpoint import Checkpointer, CheckpointError, decode_state, encode_state
 from spar_pipeline.errors import TrainError
@@ -70,17 +70,17 @@ def trained(prepared, tmp_path_factory):
 # ---- pure parts -------------------------------------------------------------------------------
 def test_split_order_and_shares_are_deterministic():
     ids = list(range(1, 41))
-    tr, val = train.split_holdout(ids, seed=0, fraction=0.25)
+    tr, val = split.split_holdout(ids, seed=0, fraction=0.25)
     assert val and tr and not set(tr) & set(val) and sorted(tr + val) == ids
-    assert train.split_holdout(ids, 0, 0.25) == (tr, val)
+    assert split.split_holdout(ids, 0, 0.25) == (tr, val)
     # membership depends on the image only: adding images never moves an old one across the split
-    tr2, val2 = train.split_holdout(ids + list(range(41, 81)), 0, 0.25)
+    tr2, val2 = split.split_holdout(ids + list(range(41, 81)), 0, 0.25)
     assert set(val) <= set(val2) and set(tr) <= set(tr2)
-    assert train.split_holdout([1, 2], 0, 0.01)[1] and train.split_holdout([1, 2], 0, 1.0)[0]  # at least one each
-    assert train.split_holdout(ids, 0, 0.0) == (ids, [])  # except fraction 0: nothing held out
-    assert train.epoch_order(tr, 0, 3) == train.epoch_order(list(reversed(tr)), 0, 3) != train.epoch_order(tr, 0, 4)
-    order = train.epoch_order(tr, 0, 0)
-    a, b = train.rank_share(order, 0, 2), train.rank_share(order, 1, 2)
+    assert split.split_holdout([1, 2], 0, 0.01)[1] and split.split_holdout([1, 2], 0, 1.0)[0]  # at least one each
+    assert split.split_holdout(ids, 0, 0.0) == (ids, [])  # except fraction 0: nothing held out
+    assert split.epoch_order(tr, 0, 3) == split.epoch_order(list(reversed(tr)), 0, 3) != split.epoch_order(tr, 0, 4)
+    order = split.epoch_order(tr, 0, 0)
+    a, b = split.rank_share(order, 0, 2), split.rank_share(order, 1, 2)
     assert len(a) == len(b) == len(order) // 2 and not set(a) & set(b)
     s = 4  # after s steps on every rank, the images consumed are a prefix of the order
     assert sorted(a[:s] + b[:s]) == sorted(order[: 2 * s])
@@ -103,6 +103,24 @@ def test_state_encoding_roundtrip_without_pickle():
     random.setstate(back["py"])
     np.random.set_state(back["np"])
     assert back["f"] == float("inf") and back["x"] is None
+
+
+def test_train_state_roundtrip_and_recut_for_another_process_count():
+    from spar_pipeline.trainer import TrainState
+
+    cpu = torch.device("cpu")
+    s = TrainState(epoch=1, position=6, step=3, seconds=2.0, wait=0.5, baseline_val_mse=0.3, best_val_mse=0.2,
+                   last_val_mse=0.25)
+    tensors: dict = {}
+    tree = json.loads(json.dumps(encode_state(s.state_dict(world=2, images_per_step=4, loss=(1.5, 12)), tensors)))
+    saved = decode_state(tree, tensors)
+    four = [TrainState() for _ in range(4)]
+    for rank, t in enumerate(four):
+        t.load_state_dict(saved, world=4, rank=rank, device=cpu)
+    assert all((t.epoch, t.step, t.position) == (1, 3, 3) for t in four)  # 12 images consumed, re-cut for 4
+    assert (float(four[0].loss_sum), four[0].loss_images) == (1.5, 12)  # the global sums go on on rank 0 only
+    assert all((float(t.loss_sum), t.loss_images) == (0.0, 0) for t in four[1:])
+    assert (four[2].baseline_val_mse, four[2].best_val_mse, four[2].last_val_mse, four[2].seconds) == (0.3, 0.2, 0.25, 2.0)
 
 
 # ---- the stage --------------------------------------------------------------------------------
@@ -238,10 +256,10 @@ def test_one_process_accumulating_equals_two_processes(two_processes, prepared, 
 
 
 def test_rank_shares_give_the_same_optimizer_steps_for_1_2_4_processes():
-    order = train.epoch_order(list(range(1, 24)), seed=0, epoch=0)
+    order = split.epoch_order(list(range(1, 24)), seed=0, epoch=0)
     steps = {}
     for world in (1, 2, 4):
-        shares = [train.rank_share(order, r, world, images_per_step=4) for r in range(world)]
+        shares = [split.rank_share(order, r, world, images_per_step=4) for r in range(world)]
         per_rank = 4 // world  # micro-steps of each rank in one optimizer step
         steps[world] = [sorted(i for s in shares for i in s[k * per_rank:(k + 1) * per_rank]) for k in range(5)]
         assert all(len(s) == 20 // world for s in shares)  # 23 images: 5 whole steps, 3 left out
@@ -294,12 +312,12 @@ def test_holdout_fraction_zero_trains_every_image_and_keeps_the_last_epoch(sorte
 
 def test_sorted_order_is_the_same_each_epoch_and_interleaved_across_ranks(sorted_no_holdout):
     ids = [5, 3, 9, 1, 7, 2]
-    assert all(train.epoch_order(ids, 0, e, "sorted") == [1, 2, 3, 5, 7, 9] for e in range(3))
-    assert train.epoch_order(ids, 0, 0) != train.epoch_order(ids, 0, 1)  # the default, "shuffle"
-    order = train.epoch_order(ids, 0, 0, "sorted")
-    assert (train.rank_share(order, 0, 2), train.rank_share(order, 1, 2)) == ([1, 3, 7], [2, 5, 9])
+    assert all(split.epoch_order(ids, 0, e, "sorted") == [1, 2, 3, 5, 7, 9] for e in range(3))
+    assert split.epoch_order(ids, 0, 0) != split.epoch_order(ids, 0, 1)  # the default, "shuffle"
+    order = split.epoch_order(ids, 0, 0, "sorted")
+    assert (split.rank_share(order, 0, 2), split.rank_share(order, 1, 2)) == ([1, 3, 7], [2, 5, 9])
     with pytest.raises(TrainError, match="order='random'"):
-        train.epoch_order(ids, 0, 0, "random")
+        split.epoch_order(ids, 0, 0, "random")
     run, report = sorted_no_holdout  # the trainer follows the recipe's order: its last epoch went in id order
     ids = [r["image_id"] for r in manifest.read_manifest(run, "extract").to_pylist() if r["status"] == "ok"]
     assert report["shares"][0] == sorted(ids)

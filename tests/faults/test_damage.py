@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 
 from spar_pipeline import extract, manifest, train
 from spar_pipeline.checkpoint import Checkpointer
+from spar_pipeline.split import training_items
 from spar_pipeline.verify import verify
 
 from faults._support import EVERY, assert_maps_intact, copy_run, done_once
@@ -54,7 +55,7 @@ def test_damaged_maps_and_torn_part_are_redone(tmp_path, extracted, caplog):
 
 def test_verify_checks_checkpoints_and_repair_quarantines(tmp_path, extracted, caplog):
     run = copy_run(extracted, tmp_path / "run")
-    n_train = len(train.plan(run)[0])
+    n_train = len(training_items(run)[0])
     train.run(run, progress=False, stop_after_steps=n_train + 2 * EVERY + 1)  # the epoch end + 2 step checkpoints
     ck = Checkpointer(run, dict, every=EVERY)
     steps = ck.entries()
