@@ -1,0 +1,250 @@
+"""The study's figures from the manifests alone (matplotlib, Agg, no display): Fig. 1 (mIoU against
+forward seconds per image), Fig. 3 (mIoU and seconds against evaluation scale), the training curves
+(val_mse per epoch against the pretrained baseline) and the per-class IoU gain of the best student.
+
+Each function returns a ``Picture`` (PNG bytes, title, caption) or None when the run holds nothing to
+draw yet; the page then says what would add it. One colour per model across every figure.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+from spar_pipeline.study.inputs import PRETRAINED, Study
+from spar_pipeline.study.tables import dataset_order, model_cells, model_mean
+
+__all__ = ["Picture", "all_figures", "speed_accuracy", "scale_sweep", "training_curves", "class_gain", "colours"]
+
+SINGLE_COLOUR, SLIDING_COLOUR = "#222222", "#c0392b"
+
+
+@dataclass
+class Picture:
+    name: str  # file name under RUN/reports/figures/
+    title: str
+    caption: str
+    png: bytes | None  # None: already under figures/ from an earlier call (qualitative pictures)
+
+
+def all_figures(study: Study) -> tuple[list[Picture], list[str]]:
+    """(pictures drawn, one line per figure that could not be drawn yet and what would add it)."""
+    made, missing = [], []
+    for fn, why in ((speed_accuracy, "Fig. 1 needs evaluate rows with forward seconds at scale 1.0."),
+                    (scale_sweep, "Fig. 3 needs evaluate rows at two scales or more (`evaluate --scale F`)."),
+                    (training_curves, "Training curves need a student with train rows."),
+                    (class_gain, "The per-class gain needs per-class IoU of pretrained single pass and a student.")):
+        pic = fn(study)
+        (made.append(pic) if pic is not None else missing.append(why))
+    return made, missing
+
+
+def colours(study: Study) -> dict[str, str]:
+    """model name -> colour: students from a qualitative map in study order."""
+    from matplotlib import colormaps
+
+    names = [s.name for s in study.students]
+    names += sorted({r["model"] for r in study.rows} - set(names) - {PRETRAINED})
+    cmap = colormaps["tab10" if len(names) <= 10 else "tab20"]
+    return {n: _hex(cmap(i % cmap.N)) for i, n in enumerate(names)}
+
+
+def speed_accuracy(study: Study) -> Picture | None:
+    rows = [r for r in study.rows if math.isclose(r["scale"], 1.0)]
+    datasets = dataset_order(rows)
+    fig, ax = _figure(7.5, 4.6)
+    drawn = 0
+    single = _point(rows, PRETRAINED, "single", 0, datasets)
+    if single:
+        ax.scatter(*single, s=70, marker="s", color=SINGLE_COLOUR, label="pretrained single pass", zorder=3)
+        drawn += 1
+    strides = sorted({int(r["stride"]) for r in rows if r["model"] == PRETRAINED and r["mode"] == "sliding"},
+                     reverse=True)
+    slide = [(s, p) for s in strides if (p := _point(rows, PRETRAINED, "sliding", s, datasets))]
+    if slide:
+        ax.plot([p[0] for _, p in slide], [p[1] for _, p in slide], "-o", color=SLIDING_COLOUR,
+                label="pretrained sliding (teacher)", zorder=2)
+        for s, (x, y) in slide:
+            ax.annotate(f"s={s}", (x, y), textcoords="offset points", xytext=(5, -11), fontsize=8,
+                        color=SLIDING_COLOUR)
+        drawn += len(slide)
+    col = colours(study)
+    for name in col:
+        p = _point(rows, name, "single", 0, datasets)
+        if p:
+            ax.scatter(*p, s=55, marker="o", color=col[name], edgecolor="black", linewidth=0.5,
+                       label=f"{name} (single pass)", zorder=4)
+            drawn += 1
+    if not drawn:
+        return None
+    ax.set_xscale("log")
+    ax.set_xlabel("forward seconds per image (log scale)")
+    ax.set_ylabel(_mean_label(datasets))
+    ax.set_title("Accuracy against inference time")
+    _legend(ax, drawn)
+    return Picture("fig1_speed_accuracy.png", "Fig. 1 shape: mIoU against forward seconds per image",
+                   f"{_mean_label(datasets)} at scale 1.0 against the forward seconds of one image (the paper's "
+                   "timing: ViT forward passes only). Sliding points are labelled with their stride.", _png(fig))
+
+
+def scale_sweep(study: Study) -> Picture | None:
+    scales = sorted({r["scale"] for r in study.rows})
+    if len(scales) < 2:
+        return None
+    datasets = dataset_order(study.rows)
+    col = colours(study)
+    fig, (left, right) = _figure(11, 4.4, ncols=2)
+    lines = 0
+    plans = [(PRETRAINED, "single", 0)]
+    plans += [(PRETRAINED, "sliding", s) for s in sorted({int(r["stride"]) for r in study.rows
+                                                         if r["model"] == PRETRAINED and r["mode"] == "sliding"})]
+    plans += [(n, "single", 0) for n in col]
+    dashes = ["--", ":", "-."]
+    for model, mode, stride in plans:
+        pts = [(s, p) for s in scales if (p := _point(study.rows, model, mode, stride, datasets, s))]
+        if len(pts) < 2:
+            continue
+        if model == PRETRAINED:
+            colour = SINGLE_COLOUR if mode == "single" else SLIDING_COLOUR
+            style = "-s" if mode == "single" else dashes[lines % 3] + "o"
+            label = "pretrained single pass" if mode == "single" else f"pretrained sliding s={stride}"
+        else:
+            colour, style, label = col[model], "-o", f"{model} (single pass)"
+        xs = [s for s, _ in pts]
+        left.plot(xs, [p[1] for _, p in pts], style, color=colour, label=label)
+        right.plot(xs, [p[0] for _, p in pts], style, color=colour, label=label)
+        lines += 1
+    if not lines:
+        return None
+    left.set_xlabel("evaluation scale (× the recipe's size)")
+    left.set_ylabel(_mean_label(datasets))
+    left.set_title("Accuracy against resolution")
+    right.set_xlabel("evaluation scale (× the recipe's size)")
+    right.set_ylabel("forward seconds per image (log scale)")
+    right.set_yscale("log")
+    right.set_title("Inference time against resolution")
+    _legend(right, lines)
+    return Picture("fig3_scale.png", "Fig. 3 shape: mIoU and seconds per image against evaluation scale",
+                   "Images resized to the scale × the recipe's evaluation size; the forward timing at that size.",
+                   _png(fig))
+
+
+def training_curves(study: Study) -> Picture | None:
+    col = colours(study)
+    key = "val_mse" if any(_ok(r.get("val_mse")) for s in study.students for r in s.curve) else "train_loss"
+    drawn = [s for s in study.students if any(_ok(r.get(key)) for r in s.curve)]
+    if not drawn:
+        return None
+    fig, ax = _figure(7.5, 4.6)
+    for s in drawn:
+        pts = [(r["epoch"], r[key]) for r in s.curve if _ok(r.get(key))]
+        ax.plot([e for e, _ in pts], [v for _, v in pts], "-o", markersize=3, color=col[s.name], label=s.name)
+    baselines: dict[str, float] = {}
+    for s in drawn:
+        if s.baseline_val_mse is not None and key == "val_mse":
+            baselines.setdefault(s.teacher, s.baseline_val_mse)
+    for i, (teacher, value) in enumerate(sorted(baselines.items())):
+        ax.axhline(value, color=SINGLE_COLOUR, linestyle=["--", ":", "-."][i % 3], linewidth=1.2,
+                   label=f"pretrained single pass (teacher {teacher})")
+    values = [v for s in drawn for r in s.curve if _ok(v := r.get(key))] + list(baselines.values())
+    if min(values) > 0 and max(values) / min(values) > 20:
+        ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("held-out MSE against the teacher" if key == "val_mse" else "training loss (no held-out slice)")
+    ax.set_title("Training curves")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    _legend(ax, len(drawn) + len(baselines))
+    return Picture("training_curves.png", "Training curves: val_mse per epoch",
+                   "Held-out MSE of each student's single pass against its teacher's stored maps after each epoch; "
+                   "dashed: the pretrained single pass, where every student starts.", _png(fig))
+
+
+def class_gain(study: Study) -> Picture | None:
+    """Per-class IoU of the best student (highest mean single-pass mIoU) minus the pretrained single pass."""
+    rows = [r for r in study.rows if math.isclose(r["scale"], 1.0)]
+    datasets = [d for d in dataset_order(rows) if _classes(model_cells(rows, PRETRAINED).get(d))]
+    scored = [(model_mean(model_cells(rows, s.name), datasets), s.name) for s in study.students]
+    scored = [(m, n) for m, n in scored if m is not None]
+    if not datasets or not scored:
+        return None
+    best = max(scored)[1]
+    pairs = []
+    for d in datasets:
+        base, stu = model_cells(rows, PRETRAINED)[d], model_cells(rows, best).get(d)
+        if not _classes(stu):
+            continue
+        names = base.get("class_names") or _class_names(d, len(base["class_iou"]))
+        gains = [(n, s - b) for n, b, s in zip(names, base["class_iou"], stu["class_iou"]) if _ok(b) and _ok(s)]
+        if gains:
+            pairs.append((d, sorted(gains, key=lambda g: g[1])))
+    if not pairs:
+        return None
+    height = max(3.0, 0.22 * max(len(g) for _, g in pairs) + 1.2)
+    fig, axs = _figure(4.8 * len(pairs), height, ncols=len(pairs))
+    for ax, (d, gains) in zip(axs if len(pairs) > 1 else [axs], pairs):
+        ax.barh(range(len(gains)), [g for _, g in gains], color=["#27ae60" if g >= 0 else "#c0392b" for _, g in gains])
+        ax.set_yticks(range(len(gains)), [n for n, _ in gains], fontsize=7)
+        ax.axvline(0, color="black", linewidth=0.8)
+        ax.set_xlabel("IoU gain (points)")
+        ax.set_title(d, fontsize=10)
+    fig.suptitle(f"{best} single pass − pretrained single pass, per class")
+    return Picture("class_gain.png", f"Per-class IoU gain of {best} over the pretrained single pass",
+                   "Classes absent from a benchmark are left out. Green: the student is better.", _png(fig))
+
+
+# ---- helpers -----------------------------------------------------------------------------
+def _point(rows, model: str, mode: str, stride: int, datasets: Sequence[str], scale: float = 1.0):
+    """(mean forward seconds, mean mIoU) over ``datasets`` of one model/mode/stride/scale, or None."""
+    cells = model_cells(rows, model, mode, stride, scale)
+    mean = model_mean(cells, datasets)
+    secs = [c["forward_seconds"] for c in cells.values() if _ok(c["forward_seconds"]) and c["forward_seconds"] > 0]
+    return (sum(secs) / len(secs), mean) if mean is not None and secs else None
+
+
+def _mean_label(datasets: Sequence[str]) -> str:
+    return f"mIoU ({datasets[0]})" if len(datasets) == 1 else f"mean mIoU over {len(datasets)} benchmarks"
+
+
+def _classes(row: dict | None) -> bool:
+    return bool(row) and isinstance(row.get("class_iou"), (list, tuple)) and len(row["class_iou"]) > 0
+
+
+def _class_names(dataset: str, n: int) -> list[str]:
+    from spar_pipeline.datasets import class_lines
+
+    try:
+        names = [line.split(",")[0].strip() for line in class_lines(dataset)]
+    except Exception:  # noqa: BLE001 - a dataset outside the registry: numbered classes
+        names = []
+    return names if len(names) == n else [f"class {i}" for i in range(n)]
+
+
+def _ok(v) -> bool:
+    return isinstance(v, (int, float)) and not math.isnan(float(v))
+
+
+def _figure(width: float, height: float, ncols: int = 1):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=110, layout="constrained")
+    axes = fig.subplots(1, ncols)
+    for ax in (axes if ncols > 1 else [axes]):
+        ax.grid(True, which="both", alpha=0.3)
+    return fig, axes
+
+
+def _legend(ax, entries: int) -> None:
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0,
+              ncols=1 if entries <= 16 else 2)
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def _hex(rgba) -> str:
+    return "#" + "".join(f"{round(c * 255):02x}" for c in rgba[:3])
