@@ -1,4 +1,4 @@
-"""The stage commands: ingest, augment, extract, train, evaluate, run (all of them), verify, status.
+"""The stage commands: ingest, augment, extract, train, evaluate, report, run (all of them), verify, status.
 
 Each loads the run and calls its stage; every stage reads the previous stage's manifest, does only
 what is not done yet and can be rerun after any failure to finish the rest.
@@ -229,6 +229,40 @@ def run_cmd(
         out = run_all(r, list(sources or []), gpus=ids, workers=workers, scheduler=scheduler, limit=limit,
                       epochs=epochs, datasets=benchmarks, links=links, tars=tar_names, max_id=max_id)
         typer.echo(out["summary"])
+
+
+@app.command()
+def report(
+    run: str = RunOpt,
+    dataset: List[str] = typer.Option([], "--dataset", help="NAME=PATH (repeatable): benchmarks the Fig. 5/7 pictures "
+                                      "may show (a mini run uses its own scenes)."),
+    student: List[str] = typer.Option([], "--student", help="A student shown in Fig. 5/7 (repeatable; default: up "
+                                      "to three with weights, best mean mIoU first)."),
+    images: int = Count(3, help="Benchmark images in Fig. 5/7."),
+    pictures: bool = typer.Option(True, "--pictures/--no-pictures", help="Draw Fig. 5/7 when missing (runs the "
+                                  "models), or leave them out."),
+    storage_options: Optional[str] = StorageOpt,
+) -> None:
+    """The study report: RUN/reports/index.html, tables.md + tables.csv and figures/*.png.
+
+    Reads: the evaluate manifest, each student's student.toml and train manifest, each teacher's teacher.toml
+    (models only for a missing Fig. 5/7). Writes: RUN/reports/. Resume: rewritten from the manifests on every
+    call; Fig. 5/7 are drawn again only when what they show changed.
+    """
+    with reporting():
+        from spar_pipeline.study import write_report
+
+        r = open_run(run, None, storage_options)
+        benchmarks = datasets(dataset)
+        if not benchmarks and pictures:
+            from spar_pipeline.mini import demo
+
+            if demo.is_mini(r) and "scenes" in r.recipe.evaluate.datasets:
+                benchmarks = demo.embedded_benchmark(r)
+        out = write_report(r, datasets=benchmarks, students=list(student) or None, images=images, pictures=pictures)
+        for line in out["notes"]:
+            typer.echo(f"note: {line}")
+        typer.echo(f"report: {out['index']}")
 
 
 @app.command()
