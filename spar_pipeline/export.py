@@ -134,6 +134,7 @@ def _write_open_clip(b, spec: dict, folder: Path, notes: list[str]) -> str:
                 notes.append(f"tokenizer not included ({model_config['text_cfg']['hf_tokenizer_name']} is not in "
                              "the local Hugging Face cache): open_clip's local-dir text side needs its files here")
             for p in Path(tmp).iterdir():
+                p.chmod(0o644)  # safetensors writes 0600; the folder is for sharing
                 os.replace(p, folder / p.name)
     finally:
         visual.image_mean, visual.image_std = saved

@@ -57,7 +57,8 @@ def front_matter(config: dict, rows: Sequence[dict], label: str, name: str) -> d
 
 
 def _student_rows(rows: Sequence[dict], label: str) -> list[dict]:
-    out = [r for r in rows if r["model"] == label and r["mode"] == "single" and float(r.get("scale", 1.0) or 1.0) == 1.0]
+    out = [r for r in rows
+           if r["model"] == label and r["mode"] == "single" and float(r.get("scale", 1.0) or 1.0) == 1.0]
     return sorted(out, key=lambda r: r["dataset"])
 
 
@@ -86,54 +87,22 @@ def results_table(rows: Sequence[dict], label: str) -> str:
 
 
 def _body(config: dict, rows, label, images: dict, pictures: list[str], repo_id, notes, name) -> str:
-    teacher, recipe, student = config.get("teacher") or {}, config["recipe"], config.get("student") or {}
-    train, extract, augment = recipe.get("train", {}), recipe.get("extract", {}), recipe.get("augment", {})
-    hub = repo_id or "ORG/NAME"
-    out = [f"# {name}: a SPAR student of `{config['backbone']}`\n",
-           "SPAR (Single-Pass Any-Resolution ViT, CVPR 2026) distils a vision-language ViT into a student "
-           "that, in **one forward pass at any resolution**, produces the dense features that a finely strided "
-           "sliding-window copy of the frozen model produces. The teacher ran windows of "
-           f"{teacher.get('window', extract.get('window', '?'))} px at stride {teacher.get('stride', extract.get('stride', '?'))}"
-           f" over each training image once and stored its feature map; the student (the same architecture, "
-           f"`{train.get('trainable', '?')}` trainable) was trained with a mean-squared error against those maps, "
-           "single pass, batch size 1. Text features are unchanged: use the same text tower and prompts as the "
-           "base model.\n"]
-    out += ["## Recipe and teacher\n",
-            "| | |", "|---|---|",
-            f"| backbone | `{config['backbone']}` ({config['family']}, patch {config['patch_size']}, window "
-            f"{config['window']}, dim {config['dim']}) |",
-            f"| base model | {config.get('base_model') or 'spar-pipeline built-in weights'} |",
-            f"| recipe | `{recipe.get('name')}` (fingerprint `{recipe.get('fingerprint')}`) |",
-            f"| teacher | sliding window {teacher.get('window', '?')}, stride {teacher.get('stride', '?')}, upsample "
-            f"×{teacher.get('upsample', '?')}, stored {teacher.get('dtype', '?')}; fingerprint `{teacher.get('digest', '?')}`"
-            f", teacher weights `{teacher.get('weights', '?')}` |",
-            f"| training | {images.get('epochs', '?')} epoch(s) (recipe: {train.get('epochs', '?')}), lr {train.get('lr')}, "
-            f"weight decay {train.get('weight_decay')}, precision {train.get('precision')}, trainable "
-            f"`{train.get('trainable')}` |",
-            f"| held-out teacher MSE | student {_num(student.get('val_mse'))} vs pretrained "
-            f"{_num(student.get('baseline_val_mse'))} (best epoch {student.get('epoch', '?')}) |",
-            f"| input normalisation | mean {config['mean']}, std {config['std']} (RGB in [0, 1]) |",
-            f"| weights digest | `{config['weights_digest']}` |", ""]
-    tars = images.get("tars") or []
-    out += ["## Training images\n",
-            f"{images.get('images', '?')} images ({images.get('teacher_maps', '?')} teacher maps) from "
-            f"{len(tars)} SA-1B-layout tar(s)" + (f" ({', '.join(tars[:4])}{', …' if len(tars) > 4 else ''})" if tars else "")
-            + (f", ids ≤ {images['max_id']}" if images.get("max_id") else "")
-            + f"; each augmented once (random resize, scale {augment.get('scale')}, ratio {augment.get('ratio_range')}, "
-            "crop, flip) and the same augmented image used by teacher and student.\n"]
     table = results_table(rows, label)
-    out += ["## Results\n",
-            (table + "\nmIoU × 100, open-vocabulary segmentation with the 80 ImageNet prompt templates; "
-             "`sliding` is the frozen base model with windows at that stride (the teacher's kind of "
-             "inference), `single` one pass over the whole image.\n") if table else
-            "No evaluation rows in the run (`spar-pipeline evaluate --run RUN --dataset NAME=PATH` adds them).\n"]
+    out = [f"# {name}: a SPAR student of `{config['backbone']}`\n", _intro(config),
+           "## Recipe and teacher\n", *_recipe_table(config, images), "",
+           "## Training images\n", _training_images(config, images),
+           "## Results\n",
+           (table + "\nmIoU × 100, open-vocabulary segmentation with the 80 ImageNet prompt templates; "
+            "`sliding` is the frozen base model with windows at that stride (the teacher's kind of "
+            "inference), `single` one pass over the whole image.\n") if table else
+           "No evaluation rows in the run (`spar-pipeline evaluate --run RUN --dataset NAME=PATH` adds them).\n"]
     if pictures:
         out += ["## Pictures\n"] + [f"![{Path(p).stem}]({p})\n" for p in pictures]
         out += ["PCA: first three principal components as RGB, teacher (sliding) left, student (single pass) "
                 "right, one basis. Segmentation: the student's single-pass labels over a held-out image.\n"]
-    out += ["## How to load it\n", *_loading(config, hub)]
+    out += ["## How to load it\n", *_loading(config, repo_id or "ORG/NAME")]
     out += ["## The dense head (read this before using the features)\n",
-            f"The features SPAR trained are not the output of the base model's usual forward. Dense head: "
+            "The features SPAR trained are not the output of the base model's usual forward. Dense head: "
             f"{config['dense_head']}. Plain open_clip applies its pooled image head instead, so code that "
             "computes dense features itself must apply this head (as SCLIP/NACLIP/ProxyCLIP-style code does "
             "for its own attention variants): take the patch tokens as described, or use `spar_pipeline.load` "
@@ -141,6 +110,53 @@ def _body(config: dict, rows, label, images: dict, pictures: list[str], repo_id,
     if notes:
         out += ["## Notes\n"] + [f"- {n}" for n in notes] + [""]
     return "\n".join(out)
+
+
+def _intro(config: dict) -> str:
+    teacher, train = config.get("teacher") or {}, config["recipe"].get("train", {})
+    extract = config["recipe"].get("extract", {})
+    window = teacher.get("window", extract.get("window", "?"))
+    stride = teacher.get("stride", extract.get("stride", "?"))
+    return ("SPAR (Single-Pass Any-Resolution ViT, CVPR 2026) distils a vision-language ViT into a student "
+            "that, in **one forward pass at any resolution**, produces the dense features that a finely strided "
+            f"sliding-window copy of the frozen model produces. The teacher ran windows of {window} px at stride "
+            f"{stride} over each training image once and stored its feature map; the student (the same "
+            f"architecture, `{train.get('trainable', '?')}` trainable) was trained with a mean-squared error "
+            "against those maps, single pass, batch size 1. Text features are unchanged: use the same text tower "
+            "and prompts as the base model.\n")
+
+
+def _recipe_table(config: dict, images: dict) -> list[str]:
+    teacher, recipe, student = config.get("teacher") or {}, config["recipe"], config.get("student") or {}
+    train = recipe.get("train", {})
+    t = {k: teacher.get(k, "?") for k in ("window", "stride", "upsample", "dtype", "digest", "weights")}
+    return [
+        "| | |", "|---|---|",
+        f"| backbone | `{config['backbone']}` ({config['family']}, patch {config['patch_size']}, "
+        f"window {config['window']}, dim {config['dim']}) |",
+        f"| base model | {config.get('base_model') or 'spar-pipeline built-in weights'} |",
+        f"| recipe | `{recipe.get('name')}` (fingerprint `{recipe.get('fingerprint')}`) |",
+        f"| teacher | sliding window {t['window']}, stride {t['stride']}, upsample ×{t['upsample']}, stored "
+        f"{t['dtype']}; fingerprint `{t['digest']}`, teacher weights `{t['weights']}` |",
+        f"| training | {images.get('epochs', '?')} epoch(s) (recipe: {train.get('epochs', '?')}), "
+        f"lr {train.get('lr')}, weight decay {train.get('weight_decay')}, precision {train.get('precision')}, "
+        f"trainable `{train.get('trainable')}` |",
+        f"| held-out teacher MSE | student {_num(student.get('val_mse'))} vs pretrained "
+        f"{_num(student.get('baseline_val_mse'))} (best epoch {student.get('epoch', '?')}) |",
+        f"| input normalisation | mean {config['mean']}, std {config['std']} (RGB in [0, 1]) |",
+        f"| weights digest | `{config['weights_digest']}` |",
+    ]
+
+
+def _training_images(config: dict, images: dict) -> str:
+    augment = config["recipe"].get("augment", {})
+    tars = images.get("tars") or []
+    listed = f" ({', '.join(tars[:4])}{', …' if len(tars) > 4 else ''})" if tars else ""
+    ids = f", ids ≤ {images['max_id']}" if images.get("max_id") else ""
+    return (f"{images.get('images', '?')} images ({images.get('teacher_maps', '?')} teacher maps) from "
+            f"{len(tars)} SA-1B-layout tar(s){listed}{ids}; each augmented once (random resize, scale "
+            f"{augment.get('scale')}, ratio {augment.get('ratio_range')}, crop, flip) and the same augmented "
+            "image used by teacher and student.\n")
 
 
 def _loading(config: dict, hub: str) -> list[str]:
@@ -159,10 +175,11 @@ def _loading(config: dict, hub: str) -> list[str]:
                  "```", ""]
     else:
         entry = config.get("dinov3_hub") or {"backbone": "dinov3_vitl16", "dinotxt": ""}
+        hub, weights = '"facebookresearch/dinov3"', config["weights"]
+        text = ([f'dinotxt, tokenizer = torch.hub.load({hub}, "{entry["dinotxt"]}", '
+                 f'weights="DINOTXT_HEAD_AND_TEXT.pth", backbone_weights="{weights}")'] if entry["dinotxt"] else [])
         first = ["1. **facebookresearch/dinov3** (the official backbone layout):", "", "```python", "import torch",
-                 f'backbone = torch.hub.load("facebookresearch/dinov3", "{entry["backbone"]}", weights="{config["weights"]}")',
-                 *([f'dinotxt, tokenizer = torch.hub.load("facebookresearch/dinov3", "{entry["dinotxt"]}", '
-                    f'weights="DINOTXT_HEAD_AND_TEXT.pth", backbone_weights="{config["weights"]}")'] if entry["dinotxt"] else []),
+                 f'backbone = torch.hub.load({hub}, "{entry["backbone"]}", weights="{weights}")', *text,
                  "```", "", "Dense features: the backbone's last-layer patch tokens after its final norm; text: "
                  "dims 1024–2047 of the dino.txt text tower (unchanged by SPAR), as SPAR evaluates.", ""]
     return first + ["2. **spar_pipeline** (SPAR's dense head applied):", "", *spar,

@@ -246,3 +246,25 @@ def test_plain_open_clip_in_a_fresh_process_loads_a_tiny_clip_export(tmp_path):
     assert res.returncode == 0 and res.stdout.startswith("ok"), res.stdout + res.stderr
     with torch.no_grad():
         assert torch.equal(spar_pipeline.load(str(tmp_path / "out")).dense(_x()), student.dense(_x()))
+
+
+def test_model_card_of_a_dinov3_student_names_the_official_entries(tmp_path):
+    from spar_pipeline.model_card import write_card
+
+    config = {"backbone": "dinov3txt-l16", "family": "dinov3", "weights_layout": "dinov3-official",
+              "weights": export.DINOV3_WEIGHTS, "base_model": "facebook/dinov3-vitl16-pretrain-lvd1689m",
+              "dense_head": export.DENSE_HEADS["dinov3"], "window": 384, "patch_size": 16, "dim": 1024,
+              "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "weights_digest": "0" * 16,
+              "dinov3_hub": {"backbone": "dinov3_vitl16", "dinotxt": "dinov3_vitl16_dinotxt_tet1280d20h24l"},
+              "teacher": {"window": 384, "stride": 24}, "recipe": {"name": "dinov3txt-l16", "train": {}},
+              "student": {}}
+    rows = [{"model": "s1", "mode": "single", "stride": 0, "dataset": "voc21", "miou": 61.234},
+            {"model": "pretrained", "mode": "sliding", "stride": 24, "dataset": "voc21", "miou": 58.0}]
+    assert write_card(tmp_path, config, rows, "s1", images={}, pictures=[], repo_id="org/spar-dinov3")["results"] == 1
+    text = (tmp_path / "README.md").read_text()
+    meta = yaml.safe_load(text.split("---\n")[1])
+    assert meta["library_name"] == "pytorch" and meta["base_model"] == config["base_model"]
+    assert meta["datasets"] == ["SA-1B"] and meta["model-index"][0]["name"] == "spar-dinov3"
+    assert meta["model-index"][0]["results"][0]["metrics"][0]["value"] == 61.23
+    assert 'torch.hub.load("facebookresearch/dinov3", "dinov3_vitl16", weights="dinov3_backbone.pth")' in text
+    assert 'backbone_weights="dinov3_backbone.pth"' in text and "| pretrained | sliding s=24 |" in text
