@@ -174,6 +174,7 @@ def test_ablations_group_by_what_differs_and_fold_seeds(study_run, report):
     levels = {v: [s.name for s in m] for v, m in found["trainable"].levels}
     assert levels == {"blk_-1": ["blk1"], "blk_-1,blk_-2": ["default", "default-seed1", "default-seed2"],
                       "all": ["all"]}
+    assert list(levels) == ["blk_-1", "blk_-1,blk_-2", "all"]  # fewest trainable parameters first
     assert [v for v, _ in found["images"].levels] == [8, 16, "all"]
     assert [[s.name for s in g] for g in seed_groups(study.students)] == [["default", "default-seed1",
                                                                            "default-seed2"]]
@@ -259,9 +260,10 @@ def test_qualitative_pictures_drawn_once_and_again_when_the_student_changes(tmp_
     with torch.no_grad():
         for p in list(model.parameters())[-4:]:
             p.add_(0.05 * torch.randn_like(p))
-    weights = Path(run.path("students", "default", "checkpoints", "best.safetensors"))
-    weights.parent.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    for parts in (("checkpoints",), ("students", "default", "checkpoints")):  # the one-student and study layouts
+        weights = Path(run.path(*parts, "best.safetensors"))
+        weights.parent.mkdir(parents=True)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
     _write_student(run, "default", dict(BASE), [0.4, 0.3], baseline=0.8)
     manifest.write_part(run, "evaluate", [
         _evaluate_row(model="pretrained", mode="single", dataset="scenes", miou=20.0),

@@ -19,6 +19,7 @@ from spar_pipeline.study.tables import dataset_order, model_cells, model_mean
 __all__ = ["Picture", "all_figures", "speed_accuracy", "scale_sweep", "training_curves", "class_gain", "colours"]
 
 SINGLE_COLOUR, SLIDING_COLOUR = "#222222", "#c0392b"
+SHOWN = 12  # classes shown at each end of a long per-class gain list
 
 
 @dataclass
@@ -177,8 +178,11 @@ def class_gain(study: Study) -> Picture | None:
             continue
         names = base.get("class_names") or _class_names(d, len(base["class_iou"]))
         gains = [(n, s - b) for n, b, s in zip(names, base["class_iou"], stu["class_iou"]) if _ok(b) and _ok(s)]
+        gains = sorted(gains, key=lambda g: g[1])
+        if len(gains) > 2 * SHOWN:  # a long class list: its largest losses and gains
+            d, gains = f"{d}: {SHOWN} lowest and highest of {len(gains)}", gains[:SHOWN] + gains[-SHOWN:]
         if gains:
-            pairs.append((d, sorted(gains, key=lambda g: g[1])))
+            pairs.append((d, gains))
     if not pairs:
         return None
     height = max(3.0, 0.22 * max(len(g) for _, g in pairs) + 1.2)

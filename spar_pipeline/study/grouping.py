@@ -67,7 +67,9 @@ def ablations(students: Sequence[Student]) -> list[Ablation]:
             if len(levels) < 2:
                 continue
             fixed = {k: members[0].settings.get(k) for k in others}
-            out.append(Ablation(axis, fixed, sorted(levels.values(), key=lambda lv: _order(lv[0]))))
+            order = (lambda lv: _order(lv[1][0].settings.get("trainable_params"))) if axis == "trainable" else (
+                lambda lv: _order(lv[0]))  # trainable sets from the fewest parameters up, as Table 2
+            out.append(Ablation(axis, fixed, sorted(levels.values(), key=order)))
     return out
 
 

@@ -18,13 +18,12 @@ import io
 import json
 import logging
 import os
-import tempfile
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from spar_pipeline.errors import OptionError
+from spar_pipeline.errors import EvaluateError, OptionError
 from spar_pipeline.study.figures import Picture
 from spar_pipeline.study.inputs import PRETRAINED, Study
 from spar_pipeline.study.tables import dataset_order, model_cells, model_mean, sliding_reference
@@ -39,7 +38,7 @@ NAMES = ("fig5_qualitative.png", "fig7_pca.png")
 
 def choose_students(study: Study, wanted: Sequence[str] | None = None, most: int = 3) -> list[str]:
     """``wanted`` when given, else up to ``most`` students with weights, best mean single-pass mIoU first."""
-    with_weights = [s.name for s in study.students if study.run.exists(*_best(s.name))]
+    with_weights = [s.name for s in study.students if _best(study.run, s.name) is not None]
     if wanted:
         unknown = [n for n in wanted if n not in with_weights]
         if unknown:
@@ -107,23 +106,20 @@ def teacher_pca(teacher: torch.Tensor, others: Sequence[torch.Tensor]) -> list[n
 
 
 # ---- helpers -----------------------------------------------------------------------------
-def _best(name: str) -> tuple[str, ...]:
-    return ("students", name, "checkpoints", "best.safetensors")
+def _best(run, name: str) -> tuple[str, ...] | None:
+    """Parts of student ``name``'s best weights in the run (``weights.student_checkpoint``), None before any."""
+    from spar_pipeline.weights import student_checkpoint
+
+    try:
+        return student_checkpoint(run, name)
+    except EvaluateError:
+        return None
 
 
 def _identity(study: Study, name: str) -> list:
     s = study.student(name)
-    size = study.run.fs.size(study.run.path(*_best(name)))
+    size = study.run.fs.size(study.run.path(*_best(study.run, name)))
     return [int(size or 0), max((r["epoch"] for r in s.curve), default=None) if s else None]
-
-
-def _local_weights(study: Study, name: str) -> str:
-    run = study.run
-    if run.local:
-        return run.path(*_best(name))
-    local = os.path.join(tempfile.mkdtemp(prefix="spar-report-"), "best.safetensors")
-    run.fs.get(run.path(*_best(name)), local)
-    return local
 
 
 @torch.no_grad()
@@ -131,14 +127,14 @@ def _draw(study: Study, bench, picks: list[int], chosen: list[str], stride: int,
     from spar_pipeline.backbones import build
     from spar_pipeline.datasets import resize_scale
     from spar_pipeline.segment import normalise, predict, resize_image
-    from spar_pipeline.weights import pretrained_model
+    from spar_pipeline.weights import pretrained_model, resolve_checkpoint
     from spar_pipeline.windows import sliding_features
 
     recipe = study.run.recipe
     cfg = recipe.evaluate
     dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     pretrained, bname = pretrained_model(None, recipe, dev)
-    models = {n: build(bname, _local_weights(study, n), device=dev).eval() for n in chosen}
+    models = {n: build(bname, resolve_checkpoint(study.run, n), device=dev).eval() for n in chosen}
     text = tuple(t.to(dev) for t in pretrained.class_embeddings(bench.class_lines, _templates()))
     ds_cfg, scale = cfg.datasets.get(bench.name), resize_scale(bench.name, cfg)
     if ds_cfg is None:

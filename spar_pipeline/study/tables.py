@@ -216,6 +216,8 @@ def _ablation_table(study: Study, ab: Ablation) -> Table:
     seeds = max(len(m) for _, m in ab.levels)
     note = "Single-pass mIoU of each student at scale 1.0" + (
         "; several students at one level are seeds, shown as mean ± sample std." if seeds > 1 else ".")
+    if ab.axis == "teacher":
+        note += " Each val_mse is against the student's own teacher, so it compares within a row only."
     return Table(ab.title, header, body, note)
 
 
