@@ -285,3 +285,17 @@ def test_qualitative_pictures_drawn_once_and_again_when_the_student_changes(tmp_
     _write_student(run, "default", dict(BASE), [0.4, 0.3, 0.25], baseline=0.8)  # trained one more epoch
     write_report(run, datasets=bench, images=2)
     assert (reports / "figures" / "fig5_qualitative.png").stat().st_mtime_ns != stamp
+
+
+def test_rows_evaluated_as_best_are_the_default_students(tmp_path):
+    run = Run(str(tmp_path / "best"))
+    run.resolve_recipe("mini")
+    _write_student(run, "default", dict(BASE), [0.4, 0.3], baseline=0.8)
+    manifest.write_part(run, "evaluate", [_evaluate_row(model="pretrained", mode="single", dataset="scenes", miou=20.0),
+                                          _evaluate_row(model="best", mode="single", dataset="scenes", miou=27.5)])
+    write_report(run, pictures=False)
+    md = Path(run.path("reports", "tables.md")).read_text()
+    assert "| default | single | 27.50 | 27.50 |" in _section(md, "Table 1 shape")
+    assert "| best |" not in md
+    row = next(line for line in _section(md, "Students").splitlines() if line.startswith("| default |"))
+    assert row.endswith("| 27.50 |")  # its mean mIoU

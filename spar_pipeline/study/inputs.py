@@ -136,7 +136,20 @@ def _evaluate_rows(run: Run, notes: list[str]) -> list[dict[str, Any]]:
         r.setdefault("class_iou", None)
         r.setdefault("class_names", None)
         out.append(r)
-    return out
+    return _best_is_default(out)
+
+
+def _best_is_default(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows evaluated as ``--checkpoint best`` are the default student's (``weights.DEFAULT_STUDENT``),
+    unless that student has a row of its own for the same key."""
+    from spar_pipeline.weights import DEFAULT_STUDENT
+
+    key = lambda r: (r["mode"], r["stride"], r["scale"], r["dataset"])  # noqa: E731
+    own = {key(r) for r in rows if r["model"] == DEFAULT_STUDENT}
+    for r in rows:
+        if r["model"] == "best" and key(r) not in own:
+            r["model"] = DEFAULT_STUDENT
+    return [r for r in rows if r["model"] != "best"]
 
 
 def _number(v: Any) -> bool:
