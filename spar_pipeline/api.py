@@ -14,8 +14,8 @@ What comes back is the usual :class:`~spar_pipeline.backbones.Backbone` (``dense
 ``segment(image, classes)`` that take a PIL image, a path or a uint8 array and do the
 resizing and normalisation themselves.
 
-``resolve_student`` is the single place that knows where a run keeps a student's weights:
-today the run's one student in ``RUN/checkpoints/``; later ``RUN/students/<name>/``.
+``resolve_student`` gathers a run's student (weights, best-epoch info, teacher fingerprint); where a
+student name's weights live is ``weights.student_checkpoint``'s alone to say.
 """
 
 from __future__ import annotations
@@ -32,12 +32,11 @@ import numpy as np
 import torch
 
 from spar_pipeline.errors import SparError
+from spar_pipeline.weights import DEFAULT_STUDENT  # the run's one student (evaluate rows call it "best")
 
-__all__ = ["load", "model_for", "resolve_student", "split_student", "StudentFiles", "LoadError", "SPAR_CONFIG",
-           "DEFAULT_STUDENT"]
+__all__ = ["load", "model_for", "resolve_student", "split_student", "StudentFiles", "LoadError", "SPAR_CONFIG"]
 
 SPAR_CONFIG = "spar_config.json"
-DEFAULT_STUDENT = "default"  # the run's one student in RUN/checkpoints/ (evaluate rows call it "best")
 
 
 class LoadError(SparError, ValueError):
@@ -67,27 +66,22 @@ def split_student(source: str) -> tuple[str, str | None]:
 
 
 def resolve_student(run, student: str | None = None) -> StudentFiles:
-    """The weights of ``student`` (default: the run's one student) in ``run`` (a Run or its URL)."""
+    """The files of ``student`` (default: the run's one student; "best" means it too) in ``run`` (a Run
+    or its URL). Where a name's weights live is ``weights.student_checkpoint``'s to say; the rest of
+    the student (best.json, the open_clip file) sits next to them."""
     from spar_pipeline.run import Run
+    from spar_pipeline.weights import student_checkpoint
 
     run = Run(run) if isinstance(run, str) else run
-    name = student or DEFAULT_STUDENT
-    if name in (DEFAULT_STUDENT, "best"):
-        name, label, parts = DEFAULT_STUDENT, "best", ("checkpoints",)
-    else:
-        label, parts = name, ("students", name)
-    if not run.exists(*parts, "best.safetensors"):
-        known = _students(run)
-        if name == DEFAULT_STUDENT and not known:
-            raise LoadError(f"{run.url_for(*parts, 'best.safetensors')}: no trained student yet; "
-                            "run `spar-pipeline train --run RUN` first")
-        raise LoadError(f"{run.url}: no student {name!r}; students with weights: {', '.join(known) or 'none'}")
-    info = json.loads(run.read_bytes(*parts, "best.json")) if run.exists(*parts, "best.json") else {}
-    oc = run.exists(*parts, "best_open_clip.safetensors")
+    name = DEFAULT_STUDENT if student in (None, "", "best") else student
+    parts = student_checkpoint(run, name)  # one-line errors: an unknown name, a student not trained yet
+    folder = parts[:-1]
+    info = json.loads(run.read_bytes(*folder, "best.json")) if run.exists(*folder, "best.json") else {}
+    oc = run.exists(*folder, "best_open_clip.safetensors")
     return StudentFiles(
-        run_url=run.url, name=name, label=label, backbone=info.get("backbone") or run.recipe.recipe.backbone,
-        weights=_local(run, *parts, "best.safetensors"),
-        open_clip_weights=_local(run, *parts, "best_open_clip.safetensors") if oc else None,
+        run_url=run.url, name=name, label="best" if name == DEFAULT_STUDENT else name,
+        backbone=info.get("backbone") or run.recipe.recipe.backbone, weights=_local(run, *parts),
+        open_clip_weights=_local(run, *folder, "best_open_clip.safetensors") if oc else None,
         info=info, teacher=_teacher(run),
     )
 
@@ -232,16 +226,6 @@ def _is_run(url: str) -> bool:
         return Run(url).exists(RUN_FILE)
     except Exception:  # noqa: BLE001 - an unreachable URL is simply not a run here
         return False
-
-
-def _students(run) -> list[str]:
-    names = [DEFAULT_STUDENT] if run.exists("checkpoints", "best.safetensors") else []
-    if run.exists("students"):
-        for path in sorted(run.fs.ls(run.path("students"), detail=False)):
-            name = path.rstrip("/").rsplit("/", 1)[-1]
-            if run.exists("students", name, "best.safetensors"):
-                names.append(name)
-    return names
 
 
 def _teacher(run) -> dict[str, Any]:
