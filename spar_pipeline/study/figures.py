@@ -176,7 +176,7 @@ def class_gain(study: Study) -> Picture | None:
         base, stu = model_cells(rows, PRETRAINED)[d], model_cells(rows, best).get(d)
         if not _classes(stu):
             continue
-        names = base.get("class_names") or _class_names(d, len(base["class_iou"]))
+        names = [n.split(",")[0].strip() for n in base.get("class_names") or _class_names(d, len(base["class_iou"]))]
         gains = [(n, s - b) for n, b, s in zip(names, base["class_iou"], stu["class_iou"]) if _ok(b) and _ok(s)]
         gains = sorted(gains, key=lambda g: g[1])
         if len(gains) > 2 * SHOWN:  # a long class list: its largest losses and gains
