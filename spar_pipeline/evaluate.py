@@ -4,7 +4,7 @@ One unit of work is one (model, mode, stride, scale, dataset): every image is re
 the recipe's evaluation size and segmented with ``segment.predict``, a ``SegMetric`` accumulates the
 whole set, and one evaluate-manifest row is written with its per-class IoU (``class_iou`` in class
 order, ``class_names``) and two speeds: ``forward_seconds``, the paper's figure (``timing``: only the
-ViT forward passes of one image of the timing size × ``scale``, 1024×2048 at scale 1, warm-up passes
+ViT forward passes of one image of the recipe's timing size × ``scale`` (the paper's 1024×2048), warm-up passes
 then one timed; the same for every dataset of a model × mode × stride × scale), and
 ``predict_seconds``, the mean wall time of the whole ``predict`` (resize, forward, similarity,
 upsampling, post-processing) per image of this dataset. A model is ``pretrained``, a student's name
@@ -32,7 +32,7 @@ import torch
 
 from spar_pipeline.errors import EvaluateError
 from spar_pipeline.run import Run
-from spar_pipeline.timing import PAPER_SIZE, forward_time
+from spar_pipeline.timing import forward_time
 from spar_pipeline.weights import BEST, pretrained_model, resolve_checkpoint
 
 __all__ = ["run", "feature_mse", "heldout_mse", "write_table", "table_rows", "resolve_checkpoint", "EvaluateError"]
@@ -48,7 +48,7 @@ def run(run: Run | None, datasets: dict[str, str], *, checkpoints: Sequence[str]
         modes: Sequence[str] = ("single",), strides: Sequence[int] | None = None,
         scales: Sequence[float] = (1.0,), limit: int | None = None, backbone=None, recipe=None,
         device: str | torch.device | None = None, redo: bool = False,
-        timing_size: Sequence[int] = PAPER_SIZE) -> list[dict]:
+        timing_size: Sequence[int] | None = None) -> list[dict]:
     """CLI ``evaluate``: mIoU of each checkpoint × mode(/stride) × scale × dataset; rows returned and, with
     a run, written to the evaluate manifest plus RUN/reports/table.md and table.csv.
 
@@ -61,7 +61,8 @@ def run(run: Run | None, datasets: dict[str, str], *, checkpoints: Sequence[str]
     ``backbone``: a backbone name overriding the recipe's, or a built Backbone used as the pretrained
     model. ``recipe``: a Recipe or preset name (default the run's frozen one). ``redo``: evaluate again
     even when the manifest has the row. ``timing_size``: (height, width) of the image ``forward_seconds``
-    is timed on at scale 1 (the paper's 1024×2048; × scale, each side rounded, at other scales).
+    is timed on at scale 1 (default the recipe's ``[evaluate] timing_size``, the paper's 1024×2048 in its
+    presets; × scale, each side rounded, at other scales).
     """
     from spar_pipeline.backbones import build
     from spar_pipeline.datasets import get_dataset, templates
@@ -108,7 +109,8 @@ def run(run: Run | None, datasets: dict[str, str], *, checkpoints: Sequence[str]
                     txt = text_of(name)  # before the student is built: the pretrained text tower
                     if model is None:
                         model = pretrained if paths[ck] is None else build(bname, paths[ck], device=dev)
-                    row = _evaluate_one(model, label, bench, name, n, txt, cfg, mode, stride, scale, timing_size)
+                    row = _evaluate_one(model, label, bench, name, n, txt, cfg, mode, stride, scale,
+                                        timing_size or cfg.timing_size)
                     if run is not None:
                         from spar_pipeline.manifest import write_part
 

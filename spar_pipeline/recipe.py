@@ -141,6 +141,9 @@ class EvaluateConfig:
     strides: tuple[int, ...]  # sliding-window strides evaluated
     timing_warmup: int = field(metadata=_check(_non_negative))  # passes before the timed one
     datasets: dict[str, DatasetEval] = field(default_factory=dict)
+    # (height, width) of the image forward_seconds is timed on (docs/reference.md, "Inference timing");
+    # the default is the paper's 1024×2048, what runs frozen before this key existed were timed at
+    timing_size: tuple[int, int] = field(default=(1024, 2048), metadata=_check(_pair_positive))
 
 
 @dataclass(frozen=True)

@@ -2,13 +2,14 @@
 
 - ``held_out_look``: on one held-out image the student never saw, the forward seconds of the
   student single pass against the sliding-window teacher at the recipe's strides, timed as the
-  paper does (``timing``: only the ViT forward passes of one 1024×2048 image, the recipe's warm-up
-  passes, then one timed), and two pictures written to ``RUN/reports/`` (uploaded there for
-  object-store runs): the PCA picture (teacher left, student right, one basis) and a segmentation
-  overlay. The pictures are made again on every call (cheap, and they must show the newest
-  student); the speeds are measured once per run, machine and timing settings and kept in
-  ``RUN/reports/forward_seconds.json`` (``look_speeds``): a forward's cost depends on the
-  architecture and the machine, not on the weights, and a 1024×2048 sliding pass is slow on a CPU.
+  paper does (``timing``: only the ViT forward passes of one image of the recipe's ``timing_size``,
+  the paper's 1024×2048 in its presets, the recipe's warm-up passes, then one timed), and two
+  pictures written to ``RUN/reports/`` (uploaded there for object-store runs): the PCA picture
+  (teacher left, student right, one basis) and a segmentation overlay. The pictures are made again
+  on every call (cheap, and they must show the newest student); the speeds are measured once per
+  run, machine and timing settings and kept in ``RUN/reports/forward_seconds.json``
+  (``look_speeds``): a forward's cost depends on the architecture and the machine, not on the
+  weights, and a sliding pass is slow on a CPU.
 - ``write_summary``: the stage counts, the teacher store, training, evaluation and the look, printed
   and kept in RUN/reports/summary.md.
 """
@@ -38,7 +39,6 @@ def held_out_look(run: Run, *, classes: list[str] | None = None) -> dict[str, An
     """{"image_id", "size", "checkpoint", "seconds": {mode: forward s}, "forward_size", "pictures": {name: url}}."""
     from spar_pipeline import augmentation
     from spar_pipeline.pictures import pca_image, segment_image
-    from spar_pipeline.timing import PAPER_SIZE
     from spar_pipeline.split import training_items
 
     recipe = run.recipe
@@ -66,26 +66,28 @@ def held_out_look(run: Run, *, classes: list[str] | None = None) -> dict[str, An
         for name, out in outs.items():
             run.write_bytes_atomic(out.read_bytes(), "reports", out.name)
             pictures[name] = run.url_for("reports", out.name)
+    size = tuple(recipe.evaluate.timing_size)
     log.info("held-out image %d (%dx%d); forward seconds at %d×%d: %s", image_id, image.shape[1], image.shape[0],
-             *PAPER_SIZE, ", ".join(f"{k} {v:.4f} s" for k, v in seconds.items()))
+             *size, ", ".join(f"{k} {v:.4f} s" for k, v in seconds.items()))
     return {"image_id": image_id, "size": (int(image.shape[1]), int(image.shape[0])), "checkpoint": checkpoint,
-            "seconds": seconds, "forward_size": PAPER_SIZE, "pictures": pictures}
+            "seconds": seconds, "forward_size": size, "pictures": pictures}
 
 
 def look_speeds(run: Run, teacher, student) -> dict[str, float]:
     """Forward seconds of the student single pass and the teacher sliding at the extract stride and
-    the evaluation strides (``timing``, the paper's protocol at 1024×2048, the recipe's warm-up and
-    sub-batch), taken from RUN/reports/forward_seconds.json when it was measured with the same
+    the evaluation strides (``timing``, the paper's protocol at the recipe's ``timing_size``, warm-up
+    and sub-batch), taken from RUN/reports/forward_seconds.json when it was measured with the same
     backbone, machine and settings, else measured and written there."""
     import json
 
-    from spar_pipeline.timing import PAPER_SIZE, device_label, forward_seconds
+    from spar_pipeline.timing import device_label, forward_seconds
 
     recipe = run.recipe
-    timed = dict(size=PAPER_SIZE, warmup=recipe.evaluate.timing_warmup, window_batch=recipe.evaluate.window_batch)
+    timed = dict(size=tuple(recipe.evaluate.timing_size), warmup=recipe.evaluate.timing_warmup,
+                 window_batch=recipe.evaluate.window_batch)
     strides = list(dict.fromkeys([recipe.extract.stride, *recipe.evaluate.strides]))
     key = dict(backbone=recipe.recipe.backbone, device=device_label(teacher), strides=strides,
-               **{**timed, "size": list(PAPER_SIZE)})
+               **{**timed, "size": list(timed["size"])})
     where = ("reports", "forward_seconds.json")
     if run.exists(*where):
         kept = json.loads(run.read_bytes(*where))
@@ -151,7 +153,7 @@ def write_summary(run: Run, reports: dict[str, Any]) -> str:
     evaluated = manifest.read_manifest(run, "evaluate").to_pylist()
     if evaluated:
         lines += ["", "## Open-vocabulary segmentation (mIoU)", "", "| model | mode | dataset | mIoU | forward s "
-                  "(paper's timing) | predict s/image (end to end) |", "|---|---|---|---|---|---|"]
+                  "@H×W (paper's protocol) | predict s/image (end to end) |", "|---|---|---|---|---|---|"]
         names = {"pretrained": "pretrained", "best": "SPAR student (best)"}
         for e in evaluated:
             mode = e["mode"] + (f" s={e['stride']}" if e["stride"] else "")
@@ -162,8 +164,9 @@ def write_summary(run: Run, reports: dict[str, Any]) -> str:
     if look:
         fh, fw = look.get("forward_size", (1024, 2048))
         single = look["seconds"].get("single (student)")
+        size = "" if (fh, fw) == (1024, 2048) else "; the paper's is 1024×2048, this recipe's timing_size differs"
         lines += ["", f"## Single pass against sliding window (forward passes of one {fh}×{fw} image, timed as "
-                  "the paper does)", "", "| model | forward s | × single pass |", "|---|---|---|"]
+                  f"the paper does{size})", "", "| model | forward s | × single pass |", "|---|---|---|"]
         for k, v in look["seconds"].items():
             lines.append(f"| {k} | {v:.4f} | {v / single:.1f}× |" if single else f"| {k} | {v:.4f} | |")
         w, h = look["size"]

@@ -26,6 +26,15 @@ RUN_FILE = "run.toml"
 STORE = "features.zarr"  # the teacher feature store, inside the run folder
 
 
+def _recorded(data: dict, dotted: str) -> bool:
+    """Whether the dotted key (``evaluate.timing_size``) is written in the frozen run.toml ``data``."""
+    for part in dotted.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return False
+        data = data[part]
+    return True
+
+
 class Run:
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None):
         if re.match(r"^[\w+.-]+://[^/]*@", url):  # s3://key:secret@bucket would end up in logs and errors
@@ -110,7 +119,14 @@ class Run:
             self.write_bytes_atomic(tomli_w.dumps(data).encode(), RUN_FILE)
             frozen = recipe
         elif recipe is not None and recipe.fingerprint != frozen.fingerprint:
-            keys = ", ".join(recipe_diff(frozen, recipe))
+            # a key run.toml predates (a field added later, with a default) is no drift: the run keeps
+            # the default it ran with, e.g. [evaluate] timing_size of a run started before it existed
+            data = tomllib.loads(self.read_bytes(RUN_FILE).decode())
+            diff = recipe_diff(frozen, recipe)
+            keys = ", ".join(k for k in diff if _recorded(data, k))
+            if not keys:
+                self._recipe = frozen
+                return frozen
             raise RunError(
                 f"{redact(self.url)} was started with recipe {frozen.name!r}; the given recipe differs in: {keys}. "
                 "Use a new --run, or drop --recipe to continue with the frozen one."

@@ -1,4 +1,4 @@
-"""Inference timing as the paper measures it: the ViT forward passes only, at 1024×2048.
+"""Inference timing as the paper measures it: the ViT forward passes only, of one 1024×2048 image.
 
 One protocol for every speed figure (``evaluate`` rows, the run summary, ``python -m bench
 inference``): a *pass* is what one image costs the backbone's ``dense`` forward —
@@ -10,7 +10,10 @@ inference``): a *pass* is what one image costs the backbone's ``dense`` forward 
   post-processing are not timed.
 
 ``warmup`` passes run first and the next one is timed (the paper: 10, the 11th timed), on a
-1024×2048 image (the paper's Fig. 1) unless ``size`` says otherwise. The image is a fixed random
+1024×2048 image (the paper's Fig. 1) unless ``size`` says otherwise: callers pass the recipe's
+``[evaluate] timing_size``, the paper's size in its presets and that size scaled as the window in
+the small CPU worlds (``mini``, ``tiny-cpu``: 128×256 at K = 64, where a 1024×2048 pass is 8192
+tokens of global attention and ~30,000 windows at stride 8, minutes on a CPU). The image is a fixed random
 normalised tensor: a ViT's cost does not depend on the pixel values. The device is the backbone's,
 synchronised around every timed forward; precision is the model's own (float32, as evaluation).
 What a whole ``segment.predict`` costs end to end is a different figure (evaluate's ``predict_seconds``).

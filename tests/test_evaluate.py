@@ -287,13 +287,14 @@ def test_forward_timing_is_the_papers_protocol(monkeypatch):
 
 
 def test_evaluate_rows_time_forward_at_1024x2048_and_predict_apart(tmp_path):
-    """forward_seconds: the paper's figure at 1024×2048 (default), one per model × mode, the same for
-    every dataset; predict_seconds: this dataset's end-to-end mean, its own figure."""
+    """forward_seconds: the paper's figure at the recipe's timing_size (here the paper's 1024×2048; tiny-cpu's
+    own is 128×256), one per model × mode, the same for every dataset; predict_seconds: this dataset's
+    end-to-end mean, its own figure."""
     root = _striped_voc(tmp_path)
     (tmp_path / "b").symlink_to(root)
     recipe = load_recipe("tiny-cpu")
     recipe = dataclasses.replace(recipe, evaluate=dataclasses.replace(recipe.evaluate, resize=(96, 64),
-                                                                       timing_warmup=0))
+                                                                       timing_warmup=0, timing_size=(1024, 2048)))
     model = CountingWindows(_Clock())
     rows = evaluate.run(None, {"voc21": str(root), "voc20": str(tmp_path / "b")}, modes=("single",),
                         backbone=model, recipe=recipe)
@@ -319,13 +320,15 @@ def test_v1_evaluate_manifest_is_refused_with_the_way_out(tmp_path):
 
 
 def test_run_summary_speeds_are_measured_once_per_run_and_machine(tmp_path):
-    """The held-out look's forward seconds (the paper's protocol at 1024×2048) are kept in the run:
-    a later `run` of the same backbone on the same machine reuses them; other settings measure again."""
+    """The held-out look's forward seconds (the paper's protocol at the recipe's timing_size, here 1024×2048)
+    are kept in the run: a later `run` of the same backbone on the same machine reuses them; other settings
+    measure again."""
     from spar_pipeline.report import look_speeds
 
     run = Run(str(tmp_path / "run"))
     recipe = load_recipe("tiny-cpu")
-    run.resolve_recipe(dataclasses.replace(recipe, evaluate=dataclasses.replace(recipe.evaluate, timing_warmup=0)))
+    run.resolve_recipe(dataclasses.replace(recipe, evaluate=dataclasses.replace(recipe.evaluate, timing_warmup=0,
+                                                                                timing_size=(1024, 2048))))
     model = CountingWindows(_Clock())
     timing._MEASURED.clear()  # nothing measured yet in this process
     first = look_speeds(run, model, model)
