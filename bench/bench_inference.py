@@ -58,8 +58,11 @@ def main(quick: bool = False) -> dict:
                  f"{'projected from ' + str(x['timed_batches']) + ' sub-batch(es)' if x['projected'] else 'measured'}"
                  f", FLOP ratio {x['flop_ratio']:.1f}×, time ratio {x['time_ratio']:.1f}×")
     print(line, flush=True)
+    import os
+
     return save("inference", dict(
         quick=quick, device=torch.cuda.get_device_name() if cuda else "cpu", threads=torch.get_num_threads(),
+        load_average_1min=os.getloadavg()[0],  # other jobs on the machine slow a CPU run
         window=b.window, **r,
         note="forward_seconds: the paper's timing (ViT forwards only; sliding summed over sub-batches of 60); "
              "'projected': the first sub-batch(es) timed, scaled to all windows; paper reports 52× for s=24",
