@@ -16,14 +16,14 @@ import tempfile
 import torch
 
 from spar_pipeline.errors import EvaluateError
-from spar_pipeline.run import Run
+from spar_pipeline.run import STUDENTS, Run
 
 __all__ = ["BEST", "DEFAULT_BACKBONE", "DEFAULT_STUDENT", "UnknownStudent", "student_checkpoint",
            "resolve_checkpoint", "pretrained_model", "load_models"]
 
-BEST = ("checkpoints", "best.safetensors")  # the run's best student, written by train
-DEFAULT_BACKBONE = "siglip2-b16-512"  # without a run or a --backbone
 DEFAULT_STUDENT = "default"  # the student "best" means
+BEST = (STUDENTS, DEFAULT_STUDENT, "checkpoints", "best.safetensors")  # the default student's best epoch
+DEFAULT_BACKBONE = "siglip2-b16-512"  # without a run or a --backbone
 
 
 class UnknownStudent(EvaluateError):
@@ -35,14 +35,19 @@ def student_checkpoint(run: Run, name: str) -> tuple[str, ...]:
     name becomes a file. Unknown names raise ``UnknownStudent`` naming the known ones; a known student
     not trained yet is refused with the command that trains it.
 
-    Today a run holds one student, ``default``, at ``RUN/checkpoints/best.safetensors``."""
-    known = [DEFAULT_STUDENT]
+    Where the weights are is ``Run.student(name).best_weights`` (``RUN/students/<name>/checkpoints/
+    best.safetensors``). The known students: ``default`` (the recipe's [train]), those with a
+    student.toml (``Run.students``) and those the recipe lists (``[[students]]``, maybe not trained yet)."""
+    known = sorted({DEFAULT_STUDENT, *run.students(), *(p.name for p in run.recipe.students)})
     if name not in known:
         raise UnknownStudent(f"{run.url}: no student {name!r} (students: {', '.join(known)})")
-    if not run.exists(*BEST):
-        raise EvaluateError(f"{run.url_for(*BEST)}: no best checkpoint yet for student {name!r}; "
-                            "run `spar-pipeline train` first")
-    return BEST
+    best = run.student(name).best_weights
+    parts = tuple(best.removeprefix(run.path() + "/").split("/"))  # relative to the run: run.path(*parts)
+    if not run.exists(*parts):
+        flag = "" if name == DEFAULT_STUDENT else f" --student {name}"
+        raise EvaluateError(f"{run.url_for(*parts)}: no best checkpoint yet for student {name!r}; "
+                            f"run `spar-pipeline train --run {run.url}{flag}` first")
+    return parts
 
 
 def resolve_checkpoint(run: Run | None, checkpoint: str) -> str | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -155,8 +156,10 @@ def test_evaluate_end_to_end_tiny_siglip(tmp_path, tiny):
     state = {k: v.clone().contiguous() for k, v in tiny.state_dict().items()}
     first = next(k for k in state if k.endswith("weight") and "trunk.blocks" in k)
     state[first] += 0.5  # a "student" that differs from the pretrained weights
-    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
-    save_file(state, str(tmp_path / "run" / "checkpoints" / "best.safetensors"))
+    from spar_pipeline.weights import BEST
+
+    Path(run.path(*BEST)).parent.mkdir(parents=True)  # the default student's best epoch
+    save_file(state, run.path(*BEST))
 
     datasets = {"voc20": str(data), "cityscapes": str(data / "cityscapes")}
     rows = evaluate.run(run, datasets, checkpoints=["pretrained", "best"], modes=("single", "sliding"),
@@ -221,7 +224,7 @@ def test_feature_mse_against_the_store(tmp_path, tiny):
     ingest.run(run, [str(t) for t in make_sa1b_source(tmp_path / "src", n_tars=1, per_tar=2, seed=1)])
     augment.run(run)
     ids = read_manifest(run, "augment")["image_id"].to_pylist()
-    store = FeatureStore.create(run.url_for("features.zarr"), {"teacher": "test"})
+    store = FeatureStore.create(run.store_url, {"teacher": "test"})
     want = []
     for i in ids:  # the teacher written by hand (the extract stage's own tests cover extract)
         img = augmentation.augmented_image(run, i).float()[None] / 255.0
@@ -344,8 +347,6 @@ def test_run_summary_speeds_are_measured_once_per_run_and_machine(tmp_path):
 
 
 def _parts(run: Run) -> list[str]:
-    from pathlib import Path
-
     folder = Path(run.path("manifests", "evaluate"))
     return sorted(p.name for p in folder.glob("part-*.parquet")) if folder.is_dir() else []
 
@@ -397,8 +398,8 @@ def test_scale_and_stride_sweep_rows_class_iou_and_a_rerun_does_only_missing_row
 
 
 def test_student_names_resolve_through_weights_and_unknown_ones_are_refused(tmp_path, tiny):
-    """A student's name is its best epoch (label = the name); a weights file keeps its stem; an unknown
-    name is one line listing the run's students, before any work."""
+    """A student's name is its best epoch (label = the name; where it lives is Run.student's); a weights
+    file keeps its stem; an unknown name is one line listing the run's students, before any work."""
     import shutil
 
     from safetensors.torch import save_file
@@ -414,20 +415,25 @@ def test_student_names_resolve_through_weights_and_unknown_ones_are_refused(tmp_
         weights.resolve_checkpoint(run, "default")
     state = {k: v.clone().contiguous() for k, v in tiny.state_dict().items()}
     state[next(k for k in state if k.endswith("weight") and "trunk.blocks" in k)] += 0.5
-    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    Path(run.path(*weights.BEST)).parent.mkdir(parents=True)
     save_file(state, run.path(*weights.BEST))
     assert weights.resolve_checkpoint(run, "default") == weights.resolve_checkpoint(run, "best") == run.path(*weights.BEST)
+    assert run.path(*weights.BEST) == run.student("default").best_weights
+    (tmp_path / "run" / "students" / "blk1").mkdir()
+    (tmp_path / "run" / "students" / "blk1" / "student.toml").write_text('teacher = "default"\n')  # not trained yet
+    with pytest.raises(evaluate.EvaluateError, match=r"no best checkpoint yet for student 'blk1'.*--student blk1"):
+        weights.resolve_checkpoint(run, "blk1")
 
     with pytest.raises(weights.UnknownStudent) as refused:
         evaluate.run(run, {"voc20": str(data)}, checkpoints=["pretrained", "nosuch"])
-    assert "\n" not in str(refused.value) and "no student 'nosuch' (students: default)" in str(refused.value)
+    assert "\n" not in str(refused.value) and "no student 'nosuch' (students: blk1, default)" in str(refused.value)
     assert _parts(run) == []  # refused before any model ran
 
-    copy = tmp_path / "blk1.safetensors"
+    copy = tmp_path / "copy.safetensors"
     shutil.copy(run.path(*weights.BEST), copy)
     rows = evaluate.run(run, {"voc20": str(data)}, checkpoints=["default", str(copy)], scales=[0.5],
                         timing_size=(64, 128))
-    assert [(r["model"], r["scale"], r["forward_height"]) for r in rows] == [("default", 0.5, 32), ("blk1", 0.5, 32)]
+    assert [(r["model"], r["scale"], r["forward_height"]) for r in rows] == [("default", 0.5, 32), ("copy", 0.5, 32)]
     assert rows[0]["miou"] == rows[1]["miou"] and rows[0]["class_iou"] == rows[1]["class_iou"]  # the same weights
 
 
@@ -461,10 +467,12 @@ def test_cli_scale_sweep_and_refusals(tmp_path):
     make_synthetic("voc20", data, n=1, size=(48, 64))
     cli = CliRunner()
     args = ["evaluate", "--recipe", "tiny-cpu", "--dataset", f"voc20={data}"]
-    out = cli.invoke(app, [*args, "--scale", "0.25", "--scale", "0.125"])
+    out = cli.invoke(app, [*args, "--scale", "0.5", "--scale", "0.25"])
     assert out.exit_code == 0, out.output
     lines = [l for l in out.output.splitlines() if l.strip().startswith("pretrained ")]  # the rows, not the log
-    assert len(lines) == 2 and "×0.25" in lines[0] and "@256×512" in lines[0] and "@128×256" in lines[1]
+    h, w = load_recipe("tiny-cpu").evaluate.timing_size
+    assert len(lines) == 2 and "×0.5" in lines[0] and "×0.25" in lines[1]
+    assert f"@{h // 2}×{w // 2}" in lines[0] and f"@{h // 4}×{w // 4}" in lines[1]  # timed at F × the timing size
     bad = cli.invoke(app, [*args, "--scale", "0"])
     assert bad.exit_code != 0 and "--scale 0.0: must be a number > 0" in bad.output
     run = Run(str(tmp_path / "run"))

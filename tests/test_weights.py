@@ -3,6 +3,8 @@ and one line when a checkpoint cannot be found."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -22,7 +24,7 @@ def run_with_best(tmp_path):
     with torch.no_grad():
         for p in student.parameters():
             p.add_(0.5)  # weights no pretrained model has
-    (tmp_path / "run" / "checkpoints").mkdir()
+    os.makedirs(os.path.dirname(run.path(*BEST)))  # the default student's checkpoint folder
     save_file({k: v.contiguous() for k, v in student.state_dict().items()}, run.path(*BEST))
     return run, student
 

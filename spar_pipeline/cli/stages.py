@@ -158,7 +158,7 @@ def evaluate(
     mode: List[Mode] = typer.Option([Mode.single], "--mode", help="single and/or sliding (repeatable)."),
     stride: List[int] = Count([], "--stride", help="Sliding stride(s), repeatable (recipe default)."),
     scale: List[float] = typer.Option([], "--scale", help="Resolution factor F > 0, repeatable: images resized "
-                                      "to F × the recipe's evaluation size, timed at F × 1024×2048 (default 1)."),
+                                      "to F × the recipe's evaluation size, timed at F × its timing_size (default 1)."),
     backbone: Optional[str] = typer.Option(None, help="Backbone name overriding the recipe's."),
     limit: Optional[int] = Count(None, help="First N images of each dataset."),
     redo: bool = typer.Option(False, "--redo", help="Evaluate again rows already in the manifest."),
