@@ -143,7 +143,7 @@ def main(quick: bool = False) -> dict:
         for dtype in ("float16", "int8"):
             runs[dtype], extract_s[dtype], reports[dtype] = _pipeline(tmp, tars, dtype, epochs)
         stores = {d: FeatureStore.open(r.store_url) for d, r in runs.items()}
-        ids = sorted(r["image_id"] for r in manifest.read_manifest(runs["float16"], "extract").to_pylist()
+        ids = sorted(r["image_id"] for r in manifest.read_manifest(runs["float16"].teacher(), "extract").to_pylist()
                      if r["status"] == "ok")
         maps = {i: stores["float16"].read(i) for i in ids}
         errors = map_errors(maps, {i: stores["int8"].read(i) for i in ids})

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -82,7 +81,7 @@ def resolve_student(run, student: str | None = None) -> StudentFiles:
         run_url=run.url, name=name, label="best" if name == DEFAULT_STUDENT else name,
         backbone=info.get("backbone") or run.recipe.recipe.backbone, weights=_local(run, *parts),
         open_clip_weights=_local(run, *folder, "best_open_clip.safetensors") if oc else None,
-        info=info, teacher=_teacher(run),
+        info=info, teacher=_teacher(run, name),
     )
 
 
@@ -228,10 +227,10 @@ def _is_run(url: str) -> bool:
         return False
 
 
-def _teacher(run) -> dict[str, Any]:
-    from spar_pipeline.run import RUN_FILE
-
-    return dict(tomllib.loads(run.read_bytes(RUN_FILE).decode()).get("teacher") or {})
+def _teacher(run, name: str) -> dict[str, Any]:
+    """The fingerprint of the teacher student ``name`` learned from (its teacher.toml)."""
+    teacher = (run.student(name).settings or {}).get("teacher", "default")
+    return dict(run.teacher(teacher).fingerprint or {})
 
 
 def _local(run, *parts: str) -> str:

@@ -97,7 +97,7 @@ def run(run: Run, out: str, *, student: str | None = None, push_to: str | None =
     _atomic_text(folder / SPAR_CONFIG, json.dumps(config, indent=2) + "\n")
 
     rows = read_manifest(run, "evaluate").to_pylist() if run.exists("manifests", "evaluate") else []
-    images = _training_images(run)
+    images = _training_images(run, files.name)
     pictures = _copy_pictures(run, folder)
     card = write_card(folder, config, rows, files.label, images=images, pictures=pictures, repo_id=push_to,
                       notes=notes)
@@ -181,20 +181,22 @@ def official_dinov3_state(b) -> dict[str, torch.Tensor]:
 
 
 # ---- what the card shows ---------------------------------------------------------------------
-def _training_images(run: Run) -> dict[str, Any]:
-    """Counts and sources of the images the student was distilled on (from the manifests)."""
+def _training_images(run: Run, name: str = "default") -> dict[str, Any]:
+    """Counts and sources of the images student ``name`` was distilled on (from the manifests)."""
     from spar_pipeline.manifest import read_manifest
 
     info: dict[str, Any] = {"max_id": run.recipe.ingest.max_id}
-    if run.exists("manifests", "extract"):
-        info["teacher_maps"] = len(read_manifest(run, "extract"))
+    student = run.student(name)
+    teacher = run.teacher((student.settings or {}).get("teacher", "default"))
+    if teacher.exists("manifests", "extract"):
+        info["teacher_maps"] = len(read_manifest(teacher, "extract"))
     if run.exists("manifests", "ingest"):
         rows = read_manifest(run, "ingest").to_pylist()
         ok = [r for r in rows if r.get("status") == "ok"]
         info["images"] = len(ok)
         info["tars"] = sorted({str(r["source"]).rsplit("/", 1)[-1] for r in ok if r.get("source")})
-    if run.exists("manifests", "train"):
-        train = read_manifest(run, "train").to_pylist()
+    if student.exists("manifests", "train"):
+        train = read_manifest(student, "train").to_pylist()
         info["epochs"] = len(train)
     return info
 

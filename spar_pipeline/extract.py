@@ -1,5 +1,10 @@
 """The ``extract`` stage: run the sliding-window teacher over every augmented image.
 
+A run may hold several teachers over the same images (``RUN/teachers/<name>/``, run.py): the
+recipe's ``[extract]`` is teacher ``default``; ``teacher=NAME`` with ``stride`` (or other [extract]
+keys) makes another, frozen in its teacher.toml with its own fingerprint, store and manifest, so a
+second teacher never touches the first.
+
 The client plans batches of pending images (sorted by size so windows batch well) and
 submits them to the engine; each worker task decodes its images in background threads,
 runs the teacher with windows batched across images, writes each map to the store in a
@@ -29,7 +34,8 @@ import numpy as np
 
 from spar_pipeline import manifest
 from spar_pipeline.errors import RunError
-from spar_pipeline.recipe import ExtractConfig
+from spar_pipeline.fsutil import redact
+from spar_pipeline.recipe import ExtractConfig, extract_config
 from spar_pipeline.run import Run
 
 __all__ = ["ExtractSpec", "teacher_fingerprint", "extract_batch", "run", "plan"]
@@ -49,22 +55,25 @@ class ExtractSpec:
     extract: ExtractConfig
     max_pixels: int
     fingerprint: dict
+    teacher: str = "default"  # the teacher folder its maps and manifest parts go to
 
 
-def teacher_fingerprint(run: Run, weights_digest: str, patch: int) -> dict:
-    """What makes two teacher maps comparable; a store with another fingerprint is refused."""
+def teacher_fingerprint(run: Run, weights_digest: str, patch: int, extract: ExtractConfig | None = None) -> dict:
+    """What makes two teacher maps comparable; a store with another fingerprint is refused.
+    ``extract``: the teacher's [extract] settings (default the recipe's, teacher default)."""
     from spar_pipeline.windows import upsample_factor
 
     r = run.recipe
+    ex = extract or r.extract
     aug = json.dumps({"seed": r.recipe.seed, **asdict(r.augment)}, sort_keys=True, default=list)
     fp = {
         "backbone": r.recipe.backbone,
         "weights": weights_digest,
-        "window": r.extract.window,
-        "stride": r.extract.stride,
+        "window": ex.window,
+        "stride": ex.stride,
         "patch": patch,
-        "upsample": upsample_factor(patch, r.extract.stride),
-        "dtype": r.extract.store_dtype,
+        "upsample": upsample_factor(patch, ex.stride),
+        "dtype": ex.store_dtype,
         "augment": hashlib.sha256(aug.encode()).hexdigest()[:16],
     }
     fp["digest"] = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
@@ -140,8 +149,8 @@ def extract_batch(spec: ExtractSpec, items: list[dict]) -> dict:
     worker = _worker_id()
     backbone = _model(spec)
     device = _device()
-    run = Run(spec.run_url, spec.storage_options)
-    store = FeatureStore.open(run.store_url, storage_options=spec.storage_options, fingerprint=spec.fingerprint)
+    teacher = Run(spec.run_url, spec.storage_options).teacher(spec.teacher)
+    store = FeatureStore.open(teacher.store_url, storage_options=spec.storage_options, fingerprint=spec.fingerprint)
     fp = spec.fingerprint
     rows: list[dict] = []
     n_windows = 0
@@ -208,7 +217,7 @@ def extract_batch(spec: ExtractSpec, items: list[dict]) -> dict:
             rows.append(dict(image_id=item["image_id"], status="ok", reason="", grid_h=h, grid_w=w, dim=d,
                              checksum=checksum or map_checksum(half), windows=wins, seconds=secs, worker=worker,
                              fingerprint=fp["digest"]))
-    manifest.write_part(run, "extract", rows)
+    manifest.write_part(teacher, "extract", rows)
     return dict(worker=worker, done=sum(r["status"] == "ok" for r in rows),
                 rejected=sum(r["status"] == "rejected" for r in rows), windows=n_windows,
                 seconds=time.perf_counter() - t0, forward_seconds=forward_seconds)
@@ -216,10 +225,11 @@ def extract_batch(spec: ExtractSpec, items: list[dict]) -> dict:
 
 # ---- client side ------------------------------------------------------------------------
 
-def plan(run: Run, limit: int | None = None) -> list[dict]:
-    """Pending images with their ingest and augment rows, largest first."""
+def plan(run: Run, limit: int | None = None, teacher: str = "default") -> list[dict]:
+    """Images pending for ``teacher`` with their ingest and augment rows, largest first."""
     ingest = {r["image_id"]: r for r in manifest.read_manifest(run, "ingest").to_pylist()}
-    todo = manifest.pending(manifest.read_manifest(run, "augment"), manifest.read_manifest(run, "extract"))
+    done = manifest.read_manifest(run.teacher(teacher), "extract")
+    todo = manifest.pending(manifest.read_manifest(run, "augment"), done)
     items = [dict(image_id=a["image_id"], ingest=ingest[a["image_id"]], augment=a)
              for a in todo.to_pylist() if a["image_id"] in ingest]
     items.sort(key=lambda it: (-(it["augment"]["height"] * it["augment"]["width"]), it["image_id"]))
@@ -231,7 +241,12 @@ def _batches(items: list[dict], size: int) -> list[list[dict]]:
 
 
 def run(run: Run, *, gpus: list[int] | None = None, workers: int | None = None, scheduler: str | None = None,
-        window_batch: int | None = None, limit: int | None = None, progress: bool = True) -> dict:
+        window_batch: int | None = None, limit: int | None = None, progress: bool = True, teacher: str = "default",
+        stride: int | None = None, settings: dict | None = None) -> dict:
+    """CLI ``extract``: teacher ``teacher``'s maps of every augmented image not done yet. Its first call
+    freezes its [extract] settings (the recipe's, with ``stride`` and ``settings``, e.g. a [[teachers]]
+    table's keys) in its teacher.toml; later calls resume it, and one that asks other settings is
+    refused naming the keys. ``window_batch`` is this call's alone (it does not change the maps)."""
     from spar_pipeline.backbones import build
     from spar_pipeline.engine import open_engine
     from spar_pipeline.progress import StageProgress
@@ -242,27 +257,32 @@ def run(run: Run, *, gpus: list[int] | None = None, workers: int | None = None, 
         raise RunError(f"{run}: nothing augmented yet; run `spar-pipeline augment --run {run.url}` first")
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     t0 = time.perf_counter()
+    folder = run.teacher(teacher)
+    given = {**(settings or {}), **({} if stride is None else {"stride": stride})}
+    frozen = folder.plan(asdict(recipe.extract), given)  # refused here, before anything is built or written
+    cfg = extract_config(recipe.extract, frozen, f"[teachers.{teacher}]", redact(run.url))
     # Built on CPU only to fingerprint the weights: the client never initialises CUDA.
     probe = build(recipe.recipe.backbone, checkpoint=recipe.recipe.checkpoint or None)
-    fp = teacher_fingerprint(run, probe.weights_digest, probe.patch_size)
+    fp = teacher_fingerprint(run, probe.weights_digest, probe.patch_size, cfg)
     del probe
-    run.record_teacher(fp)
-    FeatureStore.create(run.store_url, fp, storage_options=run.storage_options,
-                        codec=recipe.extract.codec, level=recipe.extract.codec_level, dtype=recipe.extract.store_dtype)
-    items = plan(run, limit)
+    folder.freeze(frozen, fp)
+    FeatureStore.create(folder.store_url, fp, storage_options=run.storage_options,
+                        codec=cfg.codec, level=cfg.codec_level, dtype=cfg.store_dtype)
+    items = plan(run, limit, teacher)
     if not items:
         log.info("extract: nothing pending")
         return dict(done=0, rejected=0, windows=0, forward_seconds=0.0, task_seconds=0.0, seconds=0.0)
     spec = ExtractSpec(run.url, run.storage_options, recipe.recipe.backbone, recipe.recipe.checkpoint,
-                       replace(recipe.extract, window_batch=window_batch or recipe.extract.window_batch),
-                       recipe.ingest.max_pixels, fp)
-    batches = _batches(items, recipe.extract.images_per_task)
+                       replace(cfg, window_batch=window_batch or cfg.window_batch), recipe.ingest.max_pixels, fp,
+                       teacher)
+    batches = _batches(items, cfg.images_per_task)
     totals = dict(done=0, rejected=0, windows=0, forward_seconds=0.0, task_seconds=0.0)
     per_worker: dict[str, int] = {}
     with open_engine(gpus, workers, scheduler) as engine:
-        log.info("extract: %d images in %d batches on %s", len(items), len(batches), engine.description)
+        log.info("extract: teacher %s (stride %d): %d images in %d batches on %s", teacher, cfg.stride, len(items),
+                 len(batches), engine.description)
         futures = [
-            engine.submit(extract_batch, spec, b, retries=recipe.extract.retries, pure=False,
+            engine.submit(extract_batch, spec, b, retries=cfg.retries, pure=False,
                           key=f"extract-{b[0]['image_id']}-{uuid.uuid4().hex[:8]}")
             for b in batches
         ]
@@ -279,7 +299,7 @@ def run(run: Run, *, gpus: list[int] | None = None, workers: int | None = None, 
         stage="extract", started=started, finished=finished, done=totals["done"], rejected=totals["rejected"],
         seconds=seconds, items_per_second=(totals["done"] + totals["rejected"]) / seconds,
         windows_per_second=totals["windows"] / seconds, workers=json.dumps(per_worker))])
-    manifest.compact(run, "extract")
+    manifest.compact(folder, "extract")
     report = dict(totals, seconds=round(seconds, 2), images_per_second=round(totals["done"] / seconds, 3),
                   windows_per_second=round(totals["windows"] / seconds, 1), workers=len(per_worker))
     log.info("extract: %s", report)

@@ -1,7 +1,9 @@
 """Parquet manifests: the completion record and the index of every stage.
 
 Each unit of work appends one part file, written whole-or-nothing, under
-``RUN/manifests/<stage>/``. Readers merge all parts in name order (names start with a
+``FOLDER/manifests/<stage>/``, where FOLDER is the manifest's owner (a ``run.Folder``): the run for
+ingest, augment, evaluate and summary, a teacher (``run.teacher(name)``) for extract, a student
+(``run.student(name)``) for train; every function here takes that folder first. Readers merge all parts in name order (names start with a
 nanosecond timestamp) and keep the latest row per key, so a redo or a repair is just a
 newer row. Schemas live in ``manifests/<stage>.json`` with a version; a part with another
 version or other columns is refused, a torn part is quarantined and never counts as done.
@@ -25,7 +27,7 @@ import pyarrow.parquet as pq
 from spar_pipeline.errors import ManifestError, first_line
 from spar_pipeline.fsutil import redact
 from spar_pipeline.resources import manifests_dir
-from spar_pipeline.run import Run
+from spar_pipeline.run import Folder, Run
 
 __all__ = [
     "ManifestError",
@@ -101,11 +103,12 @@ def schema(stage: str) -> Schema:
     return Schema(spec["stage"], int(spec["version"]), tuple(spec["key"]), pa.schema(fields))
 
 
-def _stage_dir(run: Run, stage: str) -> str:
+def _stage_dir(run: Folder, stage: str) -> str:
     return run.path("manifests", stage)
 
 
-def write_part(run: Run, stage: str, rows: Sequence[dict[str, Any]] | pa.Table, name: str | None = None) -> str | None:
+def write_part(run: Folder, stage: str, rows: Sequence[dict[str, Any]] | pa.Table,
+               name: str | None = None) -> str | None:
     """Append one part atomically; returns its name (None when there were no rows)."""
     table = schema(stage).table(rows)
     if table.num_rows == 0:
@@ -117,7 +120,7 @@ def write_part(run: Run, stage: str, rows: Sequence[dict[str, Any]] | pa.Table, 
     return name
 
 
-def _part_names(run: Run, stage: str) -> list[str]:
+def _part_names(run: Folder, stage: str) -> list[str]:
     directory = _stage_dir(run, stage)
     try:
         run.fs.invalidate_cache(directory)
@@ -128,7 +131,7 @@ def _part_names(run: Run, stage: str) -> list[str]:
     return sorted(n for n in names if n.startswith("part-") and n.endswith(".parquet"))
 
 
-def _quarantine(run: Run, stage: str, name: str, why: str) -> None:
+def _quarantine(run: Folder, stage: str, name: str, why: str) -> None:
     log.warning("%s/manifests/%s/%s: unreadable part (%s); moved to quarantine/, its rows count as not done",
                 redact(run.url), stage, name, why)
     try:
@@ -138,7 +141,7 @@ def _quarantine(run: Run, stage: str, name: str, why: str) -> None:
         pass
 
 
-def _read_parts(run: Run, stage: str) -> tuple[list[str], list[pa.Table]]:
+def _read_parts(run: Folder, stage: str) -> tuple[list[str], list[pa.Table]]:
     sch = schema(stage)
     names, tables = [], []
     for name in _part_names(run, stage):
@@ -175,7 +178,7 @@ def _latest(table: pa.Table, key: Sequence[str]) -> pa.Table:
     return table.take(pc.take(last["__row_max"], keep))
 
 
-def read_manifest(run: Run | str, stage: str) -> pa.Table:
+def read_manifest(run: Folder | str, stage: str) -> pa.Table:
     """All parts merged, the latest row per key; an empty table when nothing is written yet."""
     run = Run(run) if isinstance(run, str) else run
     sch = schema(stage)
@@ -204,7 +207,7 @@ def pending(input_table: pa.Table, done: pa.Table, key: str = "image_id") -> pa.
     return ok.filter(pc.invert(pc.is_in(ok[key], value_set=pa.array(sorted(finished), ok.schema.field(key).type))))
 
 
-def compact(run: Run, stage: str, min_parts: int = 16) -> int:
+def compact(run: Folder, stage: str, min_parts: int = 16) -> int:
     """Merge many small parts into one; returns how many parts were folded.
 
     The merged part sorts right after the newest part it contains, so the latest-row rule
@@ -223,7 +226,7 @@ def compact(run: Run, stage: str, min_parts: int = 16) -> int:
     return len(names)
 
 
-def record_invocation(run: Run, stage: str, started: float, done: int, rejected: int = 0, windows: int = 0,
+def record_invocation(run: Folder, stage: str, started: float, done: int, rejected: int = 0, windows: int = 0,
                       workers: dict[str, int] | None = None) -> None:
     """One summary row per stage invocation that did work: what ``status`` shows as throughput.
     ``started`` is the ``time.time()`` the invocation began."""

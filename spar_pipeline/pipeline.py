@@ -1,5 +1,12 @@
 """``spar-pipeline run``: every stage in order, each resuming, then a short report.
 
+Over one run's images it extracts every teacher once (the recipe's ``[extract]``, teacher
+``default``, and each ``[[teachers]]`` table) and trains every student (each ``[[students]]``
+table, seeds expanded; without any, the one student ``default``), each resuming from its own
+checkpoints; with benchmarks it evaluates pretrained (single and sliding), the default student
+(labelled ``best``, single and sliding) and every other student (single pass, what the ablations
+compare; ``evaluate --checkpoint NAME --mode sliding`` adds the rest).
+
 With no SOURCE on a tiny or mini recipe it generates its own SA-1B-layout tars, and the mini
 recipe its own benchmark (``mini.demo``), so the main job runs anywhere with no download.
 """
@@ -11,7 +18,8 @@ import time
 from typing import Any
 
 from spar_pipeline import manifest
-from spar_pipeline.run import Run, RunError
+from spar_pipeline.recipe import StudentPlan
+from spar_pipeline.run import DEFAULT, Run, RunError
 
 __all__ = ["run_all"]
 
@@ -65,7 +73,16 @@ def run_all(
     reports["augment"] = timed("augment", augment.run, run)
     reports["extract"] = timed("extract", extract.run, run, gpus=gpus, workers=workers, scheduler=scheduler,
                                progress=progress)
-    reports["train"] = timed("train", train.run, run, gpus=gpus, epochs=epochs, progress=progress)
+    for t in run.recipe.teachers:
+        reports[f"extract {t.name}"] = timed(f"extract {t.name}", extract.run, run, teacher=t.name, settings=t.extract,
+                                             gpus=gpus, workers=workers, scheduler=scheduler, progress=progress)
+    trained: dict[str, dict] = {}
+    for s in run.recipe.students or (StudentPlan(DEFAULT),):
+        label = "train" if s.name == DEFAULT else f"train {s.name}"
+        trained[s.name] = timed(label, train.run, run, gpus=gpus, epochs=epochs, progress=progress, student=s.name,
+                                teacher=s.teacher, seed=s.seed, images=s.images, settings=s.train)
+    reports["students"] = trained
+    reports["train"] = trained.get(DEFAULT) or next(iter(trained.values()))
     if not datasets and demo.is_mini(run) and "scenes" in run.recipe.evaluate.datasets:
         datasets = demo.embedded_benchmark(run)
     if datasets:
@@ -73,9 +90,12 @@ def run_all(
 
         def evaluate_all() -> list[dict]:
             rows = evaluate.run(run, datasets, checkpoints=["pretrained"], modes=("single", "sliding"))
-            if run.exists(*weights.BEST):  # a student trained further in this call has new weights: redo
-                retrained = bool(reports["train"].get("steps_this_run"))
-                rows += evaluate.run(run, datasets, checkpoints=["best"], modes=("single", "sliding"), redo=retrained)
+            for name, report in trained.items():  # a student trained further in this call has new weights: redo
+                if not run.fs.exists(run.student(name).best_weights):  # stopped before its first epoch
+                    continue
+                rows += evaluate.run(run, datasets, checkpoints=["best" if name == DEFAULT else name],
+                                     modes=("single", "sliding") if name == DEFAULT else ("single",),
+                                     redo=bool(report.get("steps_this_run")))
             return rows
 
         reports["evaluate"] = timed("evaluate", evaluate_all)

@@ -3,6 +3,25 @@
 A recipe is the one place where the paper's numbers live, so the dataclasses below give
 defaults only to operational knobs (worker counts, codecs); every number of the method is
 a required key and a missing one is an error naming the file and the key.
+
+A recipe may also list the study it makes over one run (``spar-pipeline run`` extracts every
+teacher once and trains every student, each resuming); the recipe's ``[extract]`` is teacher
+``default`` and, without ``[[students]]``, its ``[train]`` is the one student ``default``::
+
+    [[teachers]]            # another teacher over the same images: a name and the [extract] keys it changes
+    name = "s16"
+    stride = 16
+
+    [[students]]            # a name, the [train] keys it changes, and optionally:
+    name = "blk1"
+    trainable = "blk_-1"
+    teacher = "s16"         # a [[teachers]] name (default: "default")
+    images = 1250           # train on N images of the run's training split (a nested seeded subset; default all)
+    seeds = [0, 1, 2]       # one student per seed, named blk1-seed0, blk1-seed1, blk1-seed2 (or seed = N)
+
+The two lists are not part of the recipe's fingerprint: a run's images and teachers do not depend
+on them, and each student freezes its own settings in ``RUN/students/<name>/student.toml``, so a
+recipe that only adds students is accepted by a run that has one.
 """
 
 from __future__ import annotations
@@ -17,6 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from spar_pipeline.errors import RecipeError
+from spar_pipeline.recipe_study import (StudentPlan, TeacherPlan, student_plans, study_to_dict, teacher_plans,
+                                        valid_name)
 from spar_pipeline.resources import stages_dir
 from spar_pipeline.store import CODECS, MAP_DTYPES
 
@@ -29,7 +50,14 @@ __all__ = [
     "recipe_to_dict",
     "recipe_fingerprint",
     "recipe_diff",
+    "TeacherPlan",
+    "StudentPlan",
+    "valid_name",
+    "extract_config",
+    "train_config",
 ]
+
+STUDY = ("teachers", "students")  # the recipe's study lists, outside its fingerprint
 
 
 def _positive(v: Any) -> str | None:
@@ -154,6 +182,8 @@ class Recipe:
     extract: ExtractConfig
     train: TrainConfig
     evaluate: EvaluateConfig
+    teachers: tuple[TeacherPlan, ...] = ()  # [[teachers]]: teachers besides "default"
+    students: tuple[StudentPlan, ...] = ()  # [[students]]: what `run` trains (none: the default student)
 
     @property
     def name(self) -> str:
@@ -228,16 +258,41 @@ def _coerce(hint: Any, value: Any, key: str, where: str, name: str, source: str)
 
 def recipe_from_dict(data: dict, source: str = "<recipe>") -> Recipe:
     """Typed recipe from a plain dict (a parsed TOML file or a frozen run.toml)."""
+    data = dict(data)
+    study = {k: data.pop(k, []) for k in STUDY}
     recipe = _convert(Recipe, data, "", source)
     ex = recipe.extract
     if recipe.augment.min_side < ex.window:
         raise RecipeError(
             f"{source} [augment].min_side={recipe.augment.min_side}: must be ≥ [extract].window={ex.window}"
         )
+    _window_covered(ex, "[extract]", source)
+    teachers = teacher_plans(study["teachers"], recipe, source)
+    students = student_plans(study["students"], recipe, {"default", *(t.name for t in teachers)}, source)
+    return dataclasses.replace(recipe, teachers=teachers, students=students)
+
+
+def _window_covered(ex: ExtractConfig, where: str, source: str) -> None:
     if ex.stride > ex.window:
-        raise RecipeError(f"{source} [extract].stride={ex.stride}: must be ≤ [extract].window={ex.window} "
+        raise RecipeError(f"{source} {where}.stride={ex.stride}: must be ≤ [extract].window={ex.window} "
                           "(a larger stride leaves pixels in no window)")
-    return recipe
+
+
+def extract_config(base: ExtractConfig, settings: dict[str, Any], where: str = "[extract]",
+                   source: str = "<recipe>") -> ExtractConfig:
+    """``base`` with ``settings`` (a teacher's [extract] keys), checked as a recipe's [extract] is."""
+    cfg = _convert(ExtractConfig, {**dataclasses.asdict(base), **settings}, where.strip("[]"), source)
+    _window_covered(cfg, where, source)
+    return cfg
+
+
+def train_config(base: TrainConfig, settings: dict[str, Any], where: str = "[train]",
+                 source: str = "<recipe>") -> TrainConfig:
+    """``base`` with the [train] keys of ``settings`` (a student's; other keys ignored), checked as a
+    recipe's [train] is."""
+    keys = {f.name for f in dataclasses.fields(TrainConfig)}
+    return _convert(TrainConfig, {**dataclasses.asdict(base), **{k: v for k, v in settings.items() if k in keys}},
+                    where.strip("[]"), source)
 
 
 def list_recipes() -> list[str]:
@@ -273,16 +328,21 @@ def recipe_to_dict(recipe: Recipe) -> dict:
             return {k: plain(x) for k, x in v.items()}
         return v
 
-    return plain(dataclasses.asdict(recipe))
+    out = plain(dataclasses.asdict(dataclasses.replace(recipe, teachers=(), students=())))
+    for key in STUDY:
+        out.pop(key)
+    return {**out, **plain(study_to_dict(recipe))}
 
 
 def recipe_fingerprint(recipe: Recipe) -> str:
-    blob = json.dumps(recipe_to_dict(recipe), sort_keys=True, separators=(",", ":"))
+    """What a run freezes: every table but the study lists ([[teachers]], [[students]])."""
+    data = {k: v for k, v in recipe_to_dict(recipe).items() if k not in STUDY}
+    blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def recipe_diff(a: Recipe, b: Recipe) -> list[str]:
-    """Dotted keys whose values differ, e.g. ``extract.stride``."""
+    """Dotted keys whose values differ, e.g. ``extract.stride`` (the study lists left out, as from the fingerprint)."""
     out: list[str] = []
 
     def walk(x: Any, y: Any, prefix: str) -> None:
@@ -292,5 +352,5 @@ def recipe_diff(a: Recipe, b: Recipe) -> list[str]:
         elif x != y:
             out.append(prefix)
 
-    walk(recipe_to_dict(a), recipe_to_dict(b), "")
+    walk(*({k: v for k, v in recipe_to_dict(r).items() if k not in STUDY} for r in (a, b)), "")
     return out

@@ -122,9 +122,9 @@ def write_summary(run: Run, reports: dict[str, Any]) -> str:
              f"(fingerprint {run.recipe.fingerprint}), backbone `{run.recipe.recipe.backbone}`", ""]
     lines += ["| stage | ok | rejected |", "|---|---|---|"]
     for stage in ("ingest", "augment", "extract"):
-        ok, rej = _counts(manifest.read_manifest(run, stage))
+        ok, rej = _counts(manifest.read_manifest(run.teacher() if stage == "extract" else run, stage))
         lines.append(f"| {stage} | {ok} | {rej} |")
-    ext = [r for r in manifest.read_manifest(run, "extract").to_pylist() if r["status"] == "ok"]
+    ext = [r for r in manifest.read_manifest(run.teacher(), "extract").to_pylist() if r["status"] == "ok"]
     stored, raw, layout = store_bytes(run, ext)
     lines += ["", "## Teacher store", ""]
     if raw:
@@ -135,7 +135,7 @@ def write_summary(run: Run, reports: dict[str, Any]) -> str:
         s = summaries[-1]
         lines.append(f"- last extract: {s['items_per_second']:.2f} images/s, {s['windows_per_second']:.1f} windows/s "
                      f"over {s['seconds']:.1f} s")
-    train = manifest.read_manifest(run, "train").to_pylist()
+    train = manifest.read_manifest(run.student(), "train").to_pylist()
     if train:
         lines += ["", "## Training (held-out MSE against the teacher)", "", "| epoch | step | train_loss | val_mse | baseline_val_mse |",
                   "|---|---|---|---|---|"]

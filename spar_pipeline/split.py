@@ -7,6 +7,10 @@ held-out MSE agree without talking to each other:
   ``[train].holdout_fraction``, so adding images never moves an old one across the split;
 - ``epoch_order``: ``[train].order`` "shuffle" (a seeded permutation per epoch) or "sorted" (the
   same every epoch, as the reference; see docs/reference.md);
+- ``nested_subset``: ``train --images N`` takes the first N of the training split in a seeded order
+  of the ids (the recipe's seed, not the student's), the same for every student of a run, so
+  smaller subsets lie inside larger ones (the paper's 1.25k ⊂ 2.5k ⊂ 12.5k); the held-out slice
+  does not depend on N, so every student of a run validates on the same images;
 - ``rank_share``: process ``r`` of ``world`` takes ``order[m·world + r]`` at its micro-step ``m``,
   so optimizer step ``k`` trains ``order[k·E:(k+1)·E]`` (E = ``images_per_step``) for every
   ``world`` that divides E.
@@ -23,7 +27,7 @@ from spar_pipeline import manifest
 from spar_pipeline.errors import TrainError
 from spar_pipeline.run import Run
 
-__all__ = ["Item", "training_items", "split_holdout", "epoch_order", "rank_share", "ORDERS"]
+__all__ = ["Item", "training_items", "split_holdout", "nested_subset", "epoch_order", "rank_share", "ORDERS"]
 
 ORDERS = ("shuffle", "sorted")
 
@@ -47,6 +51,18 @@ def split_holdout(ids: list[int], seed: int, fraction: float) -> tuple[list[int]
     if len(val) == len(ids):
         val.discard(max(ids, key=u.__getitem__))
     return [i for i in ids if i not in val], [i for i in ids if i in val]
+
+
+def nested_subset(ids: list[int], n: int | None, seed: int) -> list[int]:
+    """The first ``n`` of ``ids`` ordered by a hash of (seed, id), returned sorted; None: all of them.
+    A hash per id, so the order of two images never depends on the others."""
+    ids = sorted(ids)
+    if n is None or n == len(ids):
+        return ids
+    if n > len(ids):
+        raise TrainError(f"--images {n}: the training split holds {len(ids)} images (the held-out slice left "
+                         f"out); use at most {len(ids)}")
+    return sorted(sorted(ids, key=lambda i: _unit(seed, i, "subset"))[:n])
 
 
 def epoch_order(ids: list[int], seed: int, epoch: int, order: str = "shuffle") -> list[int]:
@@ -80,20 +96,24 @@ class Item:
     grid: tuple[int, int, int]  # teacher map shape (h, w, D) from the extract manifest
 
 
-def training_items(run: Run) -> tuple[list[Item], list[Item]]:
-    """(train items, held-out items): the images ok in ingest, augment and extract, split by
-    ``[train].holdout_fraction``; what ``train`` trains on and validates with, and the slice the
-    held-out MSE of ``evaluate`` reads."""
+def training_items(run: Run, teacher: str = "default", images: int | None = None) -> tuple[list[Item], list[Item]]:
+    """(train items, held-out items): the images ok in ingest, augment and teacher ``teacher``'s
+    extract, split by ``[train].holdout_fraction``, the training part cut to ``images``
+    (``nested_subset``); what ``train`` trains on and validates with, and the slice the held-out MSE
+    of ``evaluate`` reads."""
     recipe = run.recipe
     ingest = {r["image_id"]: r for r in manifest.read_manifest(run, "ingest").to_pylist()}
     augment = {r["image_id"]: r for r in manifest.read_manifest(run, "augment").to_pylist() if r["status"] == "ok"}
-    extract = {r["image_id"]: r for r in manifest.read_manifest(run, "extract").to_pylist() if r["status"] == "ok"}
+    folder = run.teacher(teacher)
+    extract = {r["image_id"]: r for r in manifest.read_manifest(folder, "extract").to_pylist() if r["status"] == "ok"}
     ids = sorted(set(augment) & set(extract) & set(ingest))
     need = 1 if recipe.train.holdout_fraction == 0 else 2
     if len(ids) < need:
         raise TrainError(f"{run!r}: {len(ids)} image(s) are done in both augment and extract; "
-                         f"run `spar-pipeline extract` first (training needs at least {need})")
+                         f"run `spar-pipeline extract{'' if teacher == 'default' else ' --teacher ' + teacher}` "
+                         f"first (training needs at least {need})")
     train_ids, val_ids = split_holdout(ids, recipe.recipe.seed, recipe.train.holdout_fraction)
+    train_ids = nested_subset(train_ids, images, recipe.recipe.seed)
 
     def item(i: int) -> Item:
         e = extract[i]

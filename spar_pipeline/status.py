@@ -35,17 +35,20 @@ def _bytes(stage: str, table: pa.Table) -> int:
 
 
 def stage_status(run: Run) -> list[dict[str, Any]]:
-    tables = {stage: read_manifest(run, stage) for stage, _ in _CHAIN}
+    """One row per stage; ``extract NAME`` per teacher and ``train NAME`` per student besides the defaults."""
+    chain = [(stage, stage, previous, read_manifest(run, stage)) for stage, previous in _CHAIN if stage != "extract"]
+    chain += [("extract" if name == "default" else f"extract {name}", "extract", "augment",
+               read_manifest(run.teacher(name), "extract")) for name in run.teachers() or ["default"]]
+    tables = {stage: t for label, stage, _, t in chain if label == stage}
     summary = read_manifest(run, "summary").to_pylist()
     out = []
-    for stage, previous in _CHAIN:
-        t = tables[stage]
+    for label, stage, previous, t in chain:
         done, rejected = _count(t, "ok"), _count(t, "rejected")
         planned = _count(tables[previous], "ok") if previous else t.num_rows
         last = [s for s in summary if s["stage"] == stage]
         out.append(
             dict(
-                stage=stage,
+                stage=label,
                 planned=planned,
                 done=done,
                 rejected=rejected,
@@ -55,11 +58,14 @@ def stage_status(run: Run) -> list[dict[str, Any]]:
                 windows_per_second=last[-1]["windows_per_second"] if last else None,
             )
         )
-    train = read_manifest(run, "train")
-    if train.num_rows:  # planned/done in epochs; throughput in steps per second
-        last = [s for s in summary if s["stage"] == "train"]
-        out.append(dict(stage="train", planned=run.recipe.train.epochs, done=train.num_rows, rejected=0,
-                        pending=max(run.recipe.train.epochs - train.num_rows, 0), bytes=0,
+    for name in run.students():
+        student = run.student(name)
+        train, epochs = read_manifest(student, "train"), (student.settings or {}).get("epochs", run.recipe.train.epochs)
+        if not train.num_rows:
+            continue
+        last = [s for s in summary if s["stage"] == "train"]  # planned/done in epochs; throughput in steps/s
+        out.append(dict(stage="train" if name == "default" else f"train {name}", planned=epochs, done=train.num_rows,
+                        rejected=0, pending=max(epochs - train.num_rows, 0), bytes=0,
                         items_per_second=last[-1]["items_per_second"] if last else None, windows_per_second=None))
     evaluated = read_manifest(run, "evaluate")
     if evaluated.num_rows:  # one row per (model, mode, stride, dataset)

@@ -1,7 +1,8 @@
 """``spar-pipeline verify``: check every manifest row against what it references.
 
-Ingest rows: the tar member's bytes and checksum. Extract rows: the stored map's shape and
-checksum. Checkpoints: each one's tensor file against the size and sha256 its JSON records.
+Ingest rows: the tar member's bytes and checksum. Extract rows (every teacher's): the stored map's
+shape and checksum. Checkpoints (every student's): each one's tensor file against the size and
+sha256 its JSON records.
 With ``repair``, damaged items get a ``redo`` row (the latest row wins), so the next run of
 that stage redoes them, and a damaged checkpoint's JSON marker moves to
 ``checkpoints/quarantine/``, so training resumes from the newest intact one; nothing is deleted.
@@ -36,7 +37,8 @@ def _check_ingest(row: dict, storage_options: dict) -> str | None:
     return None
 
 
-def _check_checkpoints(run: Run, repair: bool) -> dict[str, int]:
+def _check_checkpoints(run, repair: bool) -> dict[str, int]:
+    """``run``: a student's folder."""
     from spar_pipeline.checkpoint import FOLDER, CheckpointError, Checkpointer
 
     ck = Checkpointer(run, dict, every=1)
@@ -65,32 +67,40 @@ def verify(run: Run, repair: bool = False, threads: int = 8) -> dict[str, Any]:
     bad_ingest = [(r, p) for r, p in zip(ingest, problems) if p]
     report["ingest"] = dict(checked=len(ingest), damaged=len(bad_ingest))
 
-    extract = [r for r in manifest.read_manifest(run, "extract").to_pylist() if r["status"] == "ok"]
-    bad_extract: list[tuple[dict, str]] = []
-    if extract:
-        from spar_pipeline.store import FeatureStore
+    checked, bad_extract = 0, []
+    for name in run.teachers():  # every teacher's maps against its own extract manifest
+        teacher = run.teacher(name)
+        extract = [r for r in manifest.read_manifest(teacher, "extract").to_pylist() if r["status"] == "ok"]
+        checked += len(extract)
+        if extract:
+            from spar_pipeline.store import FeatureStore
 
-        try:
-            store = FeatureStore.open(run.store_url, storage_options=run.storage_options)
-            with ThreadPoolExecutor(threads) as pool:
-                problems = list(pool.map(
-                    lambda r: store.verify(r["image_id"], (r["grid_h"], r["grid_w"], r["dim"]), r["checksum"]), extract))
-        except FileNotFoundError:
-            problems = ["feature store missing"] * len(extract)
-        bad_extract = [(r, p) for r, p in zip(extract, problems) if p]
-    report["extract"] = dict(checked=len(extract), damaged=len(bad_extract))
+            try:
+                store = FeatureStore.open(teacher.store_url, storage_options=run.storage_options)
+                with ThreadPoolExecutor(threads) as pool:
+                    problems = list(pool.map(lambda r: store.verify(
+                        r["image_id"], (r["grid_h"], r["grid_w"], r["dim"]), r["checksum"]), extract))
+            except FileNotFoundError:
+                problems = ["feature store missing"] * len(extract)
+            bad = [(r, p) for r, p in zip(extract, problems) if p]
+            for r, p in bad:
+                log.warning("verify: teacher %s image %s: %s", name, r["image_id"], p)
+            if repair and bad:
+                manifest.write_part(teacher, "extract", [dict(r, status="redo", reason=f"verify: {p}") for r, p in bad])
+            bad_extract += bad
+    report["extract"] = dict(checked=checked, damaged=len(bad_extract))
 
-    for stage, bad in (("ingest", bad_ingest), ("extract", bad_extract)):
-        for r, p in bad:
-            log.warning("verify: %s image %s: %s", stage, r["image_id"], p)
-        if repair and bad:
-            manifest.write_part(run, stage, [dict(r, status="redo", reason=f"verify: {p}") for r, p in bad])
+    for r, p in bad_ingest:
+        log.warning("verify: ingest image %s: %s", r["image_id"], p)
+    if repair and bad_ingest:
+        manifest.write_part(run, "ingest", [dict(r, status="redo", reason=f"verify: {p}") for r, p in bad_ingest])
     if repair and bad_ingest:
         # an image whose source bytes are damaged must also be re-augmented and re-extracted
         ids = {r["image_id"] for r, _ in bad_ingest}
         tars = {r["source"] for r, _ in bad_ingest}
         log.warning("verify: %d damaged tar member(s) in %s; re-ingest those tars to redo them", len(ids),
                     ", ".join(redact(t) for t in sorted(tars)))
-    report["checkpoints"] = _check_checkpoints(run, repair)
+    counts = [_check_checkpoints(run.student(name), repair) for name in run.students()]
+    report["checkpoints"] = {k: sum(c[k] for c in counts) for k in ("checked", "damaged")}
     report["repaired"] = bool(repair and (bad_ingest or bad_extract or report["checkpoints"]["damaged"]))
     return report

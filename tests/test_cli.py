@@ -79,14 +79,15 @@ def test_verify_and_repair_redo_a_damaged_map(cli_run):
     run, _ = cli_run
     assert "'damaged': 0" in cli("verify", "--run", run).stdout
     r = Run(run)
-    victim = manifest.read_manifest(r, "extract").to_pylist()[0]
-    chunk = next(p for p in (Path(run) / "features.zarr" / "maps" / str(victim["image_id"])).rglob("*")
+    victim = manifest.read_manifest(r.teacher(), "extract").to_pylist()[0]
+    maps = Path(run) / "teachers" / "default" / "features.zarr" / "maps"
+    chunk = next(p for p in (maps / str(victim["image_id"])).rglob("*")
                  if p.is_file() and p.name != "zarr.json")
     chunk.write_bytes(b"\0" * 16)
     bad = cli("verify", "--run", run, check=False)
     assert bad.returncode == 1 and f"image {victim['image_id']}" in bad.stderr
     cli("verify", "--run", run, "--repair")
-    rows = {x["image_id"]: x for x in manifest.read_manifest(r, "extract").to_pylist()}
+    rows = {x["image_id"]: x for x in manifest.read_manifest(r.teacher(), "extract").to_pylist()}
     assert rows[victim["image_id"]]["status"] == "redo"
     cli("extract", "--run", run, "--workers", "1")
     assert "'damaged': 0" in cli("verify", "--run", run).stdout

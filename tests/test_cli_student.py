@@ -32,12 +32,12 @@ def trained(tmp_path_factory):
 
 def test_train_writes_epochs_best_and_resumes_to_nothing(trained):
     run, _ = trained
-    rows = manifest.read_manifest(Run(run), "train").to_pylist()
+    rows = manifest.read_manifest(Run(run).student(), "train").to_pylist()
     assert sorted(r["epoch"] for r in rows) == [0, 1]
     assert all(np.isfinite(r["val_mse"]) and r["baseline_val_mse"] > 0 for r in rows)
-    assert (Path(run) / "checkpoints" / "best.safetensors").is_file()
+    assert (Path(run) / "students" / "default" / "checkpoints" / "best.safetensors").is_file()
     cli("train", "--run", run, "--epochs", "2")  # a rerun finds both epochs done
-    assert len(manifest.read_manifest(Run(run), "train")) == 2
+    assert len(manifest.read_manifest(Run(run).student(), "train")) == 2
     # feature-level evaluation needs no benchmark: the same held-out MSE the trainer reported
     out = cli("evaluate", "--run", run, "--checkpoint", "pretrained", "--checkpoint", "best").stdout
     mse = {line.split()[0]: float(line.split()[-1]) for line in out.splitlines() if "held-out teacher MSE" in line}
@@ -118,12 +118,13 @@ def test_run_end_to_end_then_nothing_left(tmp_path):
         assert section in summary, section
     pictures = [p for p in (Path(run) / "reports").glob("*.png")]
     assert {p.name.split("_")[0] for p in pictures} == {"pca", "segmentation"}
-    epochs = manifest.read_manifest(Run(run), "train").to_pylist()
+    epochs = manifest.read_manifest(Run(run).student(), "train").to_pylist()
     assert len(epochs) == Run(run).recipe.train.epochs
     assert min(e["val_mse"] for e in epochs) < 0.95 * epochs[0]["baseline_val_mse"]
-    counts = {s: len(manifest.read_manifest(Run(run), s)) for s in ("ingest", "augment", "extract", "train")}
+    owner = lambda s: {"extract": Run(run).teacher(), "train": Run(run).student()}.get(s, Run(run))  # noqa: E731
+    counts = {s: len(manifest.read_manifest(owner(s), s)) for s in ("ingest", "augment", "extract", "train")}
     again = cli("run", "--run", run)
-    assert {s: len(manifest.read_manifest(Run(run), s)) for s in counts} == counts
+    assert {s: len(manifest.read_manifest(owner(s), s)) for s in counts} == counts
     assert "# spar-pipeline run summary" in again.stdout
 
 
@@ -142,7 +143,8 @@ def test_run_killed_mid_extract_then_rerun_finishes(tmp_path):
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 300
-        while not list((run / "manifests" / "extract").glob("*.parquet")) and proc.poll() is None:
+        parts = run / "teachers" / "default" / "manifests" / "extract"
+        while not list(parts.glob("*.parquet")) and proc.poll() is None:
             assert time.monotonic() < deadline, "extract never wrote a manifest part"
             time.sleep(0.05)
     finally:
@@ -152,11 +154,12 @@ def test_run_killed_mid_extract_then_rerun_finishes(tmp_path):
     cli("run", "--run", str(run), "--epochs", "1")
     r = Run(str(run))
     for stage in ("ingest", "augment", "extract"):
-        ids = [x["image_id"] for x in manifest.read_manifest(r, stage).to_pylist() if x["status"] == "ok"]
+        owner = r.teacher() if stage == "extract" else r
+        ids = [x["image_id"] for x in manifest.read_manifest(owner, stage).to_pylist() if x["status"] == "ok"]
         assert len(ids) == len(set(ids)) == 36, stage
     from spar_pipeline.store import FeatureStore
 
-    store = FeatureStore.open(r.url_for("features.zarr"))
-    for row in manifest.read_manifest(r, "extract").to_pylist():
+    store = FeatureStore.open(r.teacher().store_url)
+    for row in manifest.read_manifest(r.teacher(), "extract").to_pylist():
         assert store.verify(row["image_id"], (row["grid_h"], row["grid_w"], row["dim"]), row["checksum"]) is None
-    assert len(manifest.read_manifest(r, "train")) == 1 and (run / "reports" / "summary.md").exists()
+    assert len(manifest.read_manifest(r.student(), "train")) == 1 and (run / "reports" / "summary.md").exists()

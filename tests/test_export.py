@@ -71,7 +71,7 @@ def test_open_clip_loads_the_folder_with_the_students_weights(exported):
     run, out, report = exported
     assert {"open_clip_config.json", "open_clip_model.safetensors", "spar_config.json", "README.md"} <= set(os.listdir(out))
     model = open_clip.create_model(f"local-dir:{out}")
-    student = load_file(run.path("checkpoints", "best_open_clip.safetensors"))
+    student = load_file(run.student().path("checkpoints", "best_open_clip.safetensors"))
     got = model.state_dict()
     assert set(got) == set(student)
     for k, v in student.items():
@@ -88,12 +88,12 @@ def test_open_clip_loads_the_folder_with_the_students_weights(exported):
 
 def test_load_gives_the_best_checkpoints_dense_features(exported, tmp_path):
     run, out, _ = exported
-    reference = build("tiny-siglip", run.path("checkpoints", "best.safetensors"))
+    reference = build("tiny-siglip", run.student().path("checkpoints", "best.safetensors"))
     x = _x()
     with torch.no_grad():
         want = reference.dense(x)
         for source, kw in ((str(out), {}), (run.url, {}), (f"{run.url}:default", {}),
-                           (run.path("checkpoints", "best.safetensors"), {"backbone": "tiny-siglip"})):
+                           (run.student().path("checkpoints", "best.safetensors"), {"backbone": "tiny-siglip"})):
             model = spar_pipeline.load(source, **kw)
             assert (model.dense(x) - want).abs().max().item() <= 1e-6, source
     image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (70, 100, 3), dtype=np.uint8))
@@ -111,7 +111,7 @@ def test_sources_that_name_nothing_are_one_line(exported, tmp_path):
     with pytest.raises(SparError, match="no student 'nosuch'.*default"):
         resolve_student(run, "nosuch")
     with pytest.raises(LoadError, match="needs the backbone"):
-        spar_pipeline.load(run.path("checkpoints", "best.safetensors"))
+        spar_pipeline.load(run.student().path("checkpoints", "best.safetensors"))
     with pytest.raises(LoadError, match="not an exported folder"):
         spar_pipeline.load(str(tmp_path / "nothing"))
     assert split_student("runs/x:s1") == ("runs/x", "s1")
@@ -231,9 +231,8 @@ def test_plain_open_clip_in_a_fresh_process_loads_a_tiny_clip_export(tmp_path):
     with torch.no_grad():
         for p in student.blocks()[-1].parameters():
             p.add_(0.01)  # a "trained" last block
-    (tmp_path / "run" / "checkpoints").mkdir()
-    save_file({k: v.contiguous() for k, v in student.state_dict().items()},
-              str(tmp_path / "run" / "checkpoints" / "best.safetensors"))
+    os.makedirs(run.student().checkpoints)
+    save_file({k: v.contiguous() for k, v in student.state_dict().items()}, run.student().best_weights)
     save_file({k: v.contiguous() for k, v in student.model.state_dict().items()}, str(tmp_path / "want.safetensors"))
     report = export.run(run, str(tmp_path / "out"))
     assert report["results"] == 0 and report["pictures"] == 0 and not report["notes"]

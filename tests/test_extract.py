@@ -40,10 +40,10 @@ def _teacher(run: Run, image_id: int) -> np.ndarray:
 
 
 def _check_done_once(run: Run) -> list[dict]:
-    rows = manifest.read_manifest(run, "extract").to_pylist()
+    rows = manifest.read_manifest(run.teacher(), "extract").to_pylist()
     planned = manifest.read_manifest(run, "augment")["image_id"].to_pylist()
     assert sorted(r["image_id"] for r in rows) == sorted(planned)
-    store = FeatureStore.open(run.url_for("features.zarr"), storage_options=run.storage_options)
+    store = FeatureStore.open(run.teacher().store_url, storage_options=run.storage_options)
     for r in rows:
         assert r["status"] == "ok", r
         assert store.verify(r["image_id"], (r["grid_h"], r["grid_w"], r["dim"]), r["checksum"]) is None
@@ -63,7 +63,7 @@ def test_two_worker_processes_store_the_teacher(local_run):
     rows = _check_done_once(run)
     assert report["done"] == len(rows) == 8 and report["workers"] >= 1
     assert all(r["windows"] >= 1 and r["fingerprint"] for r in rows)
-    store = FeatureStore.open(run.url_for("features.zarr"))
+    store = FeatureStore.open(run.teacher().store_url)
     for r in rows[:3]:
         got = store.read(r["image_id"])
         want = _teacher(run, r["image_id"])
@@ -75,22 +75,22 @@ def test_two_worker_processes_store_the_teacher(local_run):
 
 def test_rerun_does_nothing(local_run):
     run, _ = local_run
-    before = manifest.read_manifest(run, "extract").to_pylist()
+    before = manifest.read_manifest(run.teacher(), "extract").to_pylist()
     assert extract.run(run, workers=1, progress=False)["done"] == 0
-    assert manifest.read_manifest(run, "extract").to_pylist() == before
+    assert manifest.read_manifest(run.teacher(), "extract").to_pylist() == before
 
 
 def test_other_teacher_refused(local_run, tmp_path):
     run, _ = local_run
     with pytest.raises(StoreError):
-        FeatureStore.open(run.url_for("features.zarr"), fingerprint={"backbone": "other", "digest": "x"})
+        FeatureStore.open(run.teacher().store_url, fingerprint={"backbone": "other", "digest": "x"})
 
 
 def test_s3_run(s3_bucket, tmp_path):
     run = _prepare(f"{s3_bucket}/run", tmp_path / "src", n_tars=1, per_tar=3)
     extract.run(run, workers=1, progress=False)
     rows = _check_done_once(run)
-    got = FeatureStore.open(run.url_for("features.zarr")).read(rows[0]["image_id"])
+    got = FeatureStore.open(run.teacher().store_url).read(rows[0]["image_id"])
     np.testing.assert_allclose(got.astype(np.float32), _teacher(run, rows[0]["image_id"]), rtol=2e-3, atol=2e-3)
 
 
@@ -109,7 +109,7 @@ def test_nan_maps_are_rejected_and_run_goes_on(tmp_path):
     recipe.write_text((stages_dir() / "tiny-cpu.toml").read_text().replace('checkpoint = ""', f'checkpoint = "{ckpt}"'))
     run = _prepare(str(tmp_path / "run"), tmp_path / "src", n_tars=1, per_tar=2, recipe=str(recipe))
     extract.run(run, workers=1, progress=False)
-    rows = manifest.read_manifest(run, "extract").to_pylist()
+    rows = manifest.read_manifest(run.teacher(), "extract").to_pylist()
     assert len(rows) == 2 and all(r["status"] == "rejected" and "NaN" in r["reason"] for r in rows)
 
 
@@ -121,7 +121,7 @@ def _extract_cmd(run: Run, workers: int = 1) -> list[str]:
 def _wait_for_parts(run: Run, n: int, proc: subprocess.Popen, timeout: float = 240) -> None:
     t0 = time.time()
     while time.time() - t0 < timeout:
-        if len(manifest._part_names(run, "extract")) >= n or proc.poll() is not None:
+        if len(manifest._part_names(run.teacher(), "extract")) >= n or proc.poll() is not None:
             return
         time.sleep(0.05)
     raise TimeoutError("extract made no progress")
@@ -134,7 +134,7 @@ def test_sigkill_client_then_rerun_finishes(tmp_path):
     _wait_for_parts(run, 1, proc)
     os.killpg(proc.pid, signal.SIGKILL)  # the client and its local workers, as a machine crash would
     proc.wait()
-    partial = manifest.read_manifest(run, "extract").num_rows
+    partial = manifest.read_manifest(run.teacher(), "extract").num_rows
     assert 0 < partial < 12
     done = subprocess.run(_extract_cmd(run), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
@@ -179,12 +179,12 @@ def test_int8_store_recipe_extracts_and_trains(tmp_path):
     run = _prepare(str(tmp_path / "run"), tmp_path / "src", n_tars=1, per_tar=4, recipe=str(recipe))
     extract.run(run, workers=1, progress=False)
     rows = _check_done_once(run)
-    store = FeatureStore.open(run.url_for("features.zarr"))
+    store = FeatureStore.open(run.teacher().store_url)
     assert store.dtype == "int8" and store.fingerprint["dtype"] == "int8"
     first = rows[0]["image_id"]
     ref, got = _teacher(run, first).astype(np.float64), store.read(first).astype(np.float64)
     assert np.mean((ref - got) ** 2) / np.mean(ref ** 2) < 1e-3
-    raw = (Path(run.url) / "features.zarr/maps" / str(first) / "c/0/0").stat().st_size
+    raw = (Path(run.url) / "teachers/default/features.zarr/maps" / str(first) / "c/0/0").stat().st_size
     assert raw < 0.6 * got.size * 2  # about half of float16's bytes
     report = train.run(run, epochs=1, progress=False, stop_after_steps=2)
     assert report["steps_this_run"] == 2 and np.isfinite(report["baseline_val_mse"])

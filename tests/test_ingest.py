@@ -413,7 +413,7 @@ def test_image_folder_through_augment_extract_and_train(tmp_path):
     assert extract.run(run, workers=1, progress=False)["done"] == 6
     report = train.run(run, processes=1, progress=False)
     assert report["train_images"] + report["val_images"] == 6 and report["steps_this_run"] == report["train_images"]
-    assert math.isfinite(report["val_mse"]) and manifest.read_manifest(run, "train").num_rows == 1
+    assert math.isfinite(report["val_mse"]) and manifest.read_manifest(run.student(), "train").num_rows == 1
 
 
 def test_command_line_takes_folders_datasets_and_a_sample(tmp_path):

@@ -31,7 +31,7 @@ def run(tmp_path):
 
 
 def test_empty_manifest_has_schema(run):
-    t = read_manifest(run, "extract")
+    t = read_manifest(run.teacher(), "extract")
     assert t.num_rows == 0 and "checksum" in t.column_names
 
 

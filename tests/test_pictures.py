@@ -79,8 +79,8 @@ def test_pca_png_teacher_and_best_student(tmp_path, image_path, tiny):
 
     run = Run(str(tmp_path / "run"))
     run.resolve_recipe("tiny-cpu")
-    (tmp_path / "run" / "checkpoints").mkdir()
+    (tmp_path / "run" / "students" / "default" / "checkpoints").mkdir(parents=True)
     state = {k: v.clone().contiguous() for k, v in tiny.state_dict().items()}
-    save_file(state, str(tmp_path / "run" / "checkpoints" / "best.safetensors"))
+    save_file(state, str(tmp_path / "run" / "students" / "default" / "checkpoints" / "best.safetensors"))
     info = pictures.pca_image(image_path, str(out), run=run, stride=32)
     assert info["student"] == "best" and Image.open(out).size == (192, 64)

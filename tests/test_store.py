@@ -374,7 +374,7 @@ def test_float32_recipe_extracts_float32_maps(tmp_path):
     run = _prepare(str(tmp_path / "run"), tmp_path / "src", n_tars=1, per_tar=2, recipe=str(recipe))
     extract.run(run, workers=1, progress=False)
     rows = _check_done_once(run)
-    store = FeatureStore.open(run.url_for("features.zarr"))
+    store = FeatureStore.open(run.teacher().store_url)
     assert store.dtype == "float32" and store.fingerprint["dtype"] == "float32"
     first = rows[0]["image_id"]
     got, ref = store.read(first), _teacher(run, first)
@@ -383,4 +383,4 @@ def test_float32_recipe_extracts_float32_maps(tmp_path):
     assert np.abs(got - ref).max() < np.abs(ref.astype(np.float16).astype(np.float32) - ref).max()
     other = dict(store.fingerprint, dtype="float16")
     with pytest.raises(StoreError, match="dtype"):
-        FeatureStore.open(run.url_for("features.zarr"), fingerprint=other)
+        FeatureStore.open(run.teacher().store_url, fingerprint=other)

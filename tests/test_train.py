@@ -55,7 +55,7 @@ def _copy(prepared: Path, dst: Path) -> Run:
 
 
 def _trainable(run: Run, step: int) -> dict[str, torch.Tensor]:
-    _, state = Checkpointer(run, dict, every=EVERY).load(step)
+    _, state = Checkpointer(run.student(), dict, every=EVERY).load(step)
     return state["model"]
 
 
@@ -126,7 +126,7 @@ def test_train_state_roundtrip_and_recut_for_another_process_count():
 # ---- the stage --------------------------------------------------------------------------------
 def test_train_beats_pretrained_single_pass_and_exports(trained):
     run, report = trained
-    rows = sorted(manifest.read_manifest(run, "train").to_pylist(), key=lambda r: r["epoch"])
+    rows = sorted(manifest.read_manifest(run.student(), "train").to_pylist(), key=lambda r: r["epoch"])
     assert [r["epoch"] for r in rows] == list(range(EPOCHS))
     steps_per_epoch = report["train_images"]
     assert [r["step"] for r in rows] == [steps_per_epoch * (e + 1) for e in range(EPOCHS)]
@@ -140,9 +140,9 @@ def test_train_beats_pretrained_single_pass_and_exports(trained):
     assert report["steps_per_second"] > 0 and 0 <= report["data_wait_share"] < 1
 
     # best.safetensors: the whole backbone, loaded by build(); same weights as the best epoch checkpoint
-    best = json.loads(run.read_bytes("checkpoints", "best.json"))
+    best = json.loads(run.student().read_bytes("checkpoints", "best.json"))
     assert best["val_mse"] == min(r["val_mse"] for r in rows)
-    student = build("tiny-siglip", checkpoint=run.path("checkpoints", "best.safetensors"))
+    student = build("tiny-siglip", checkpoint=run.student().path("checkpoints", "best.safetensors"))
     pretrained = build("tiny-siglip")
     weights = _trainable(run, best["step"])
     sd = student.state_dict()
@@ -151,15 +151,16 @@ def test_train_beats_pretrained_single_pass_and_exports(trained):
     # open_clip layout: the wrapped open_clip model's own state dict, strict-loadable into a fresh one
     from safetensors.torch import load_file
 
-    oc = load_file(run.path("checkpoints", "best_open_clip.safetensors"))
+    oc = load_file(run.student().path("checkpoints", "best_open_clip.safetensors"))
     fresh = build("tiny-siglip").model
     fresh.load_state_dict(oc, strict=True)
     x = torch.randn(1, 3, 64, 96)
-    assert torch.allclose(build("tiny-siglip", checkpoint=run.path("checkpoints", "best_open_clip.safetensors"))(x),
+    oc_path = run.student().path("checkpoints", "best_open_clip.safetensors")
+    assert torch.allclose(build("tiny-siglip", checkpoint=oc_path)(x),
                           student(x))
 
     # retention: the epoch ends and the latest 2 step checkpoints
-    kept = Checkpointer(run, dict, every=EVERY).entries()
+    kept = Checkpointer(run.student(), dict, every=EVERY).entries()
     step_ckpts = [s for s in range(EVERY, rows[-1]["step"] + 1, EVERY) if s not in {r["step"] for r in rows}]
     assert kept == sorted({r["step"] for r in rows} | set(step_ckpts[-2:]))
 
@@ -182,8 +183,8 @@ def test_resume_after_interrupt_matches_uninterrupted(trained, prepared, tmp_pat
     a, b = _trainable(run, ref["step"]), _trainable(ref_run, ref["step"])
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
-    rows = sorted(manifest.read_manifest(run, "train").to_pylist(), key=lambda r: r["epoch"])
-    ref_rows = sorted(manifest.read_manifest(ref_run, "train").to_pylist(), key=lambda r: r["epoch"])
+    rows = sorted(manifest.read_manifest(run.student(), "train").to_pylist(), key=lambda r: r["epoch"])
+    ref_rows = sorted(manifest.read_manifest(ref_run.student(), "train").to_pylist(), key=lambda r: r["epoch"])
     for r, q in zip(rows, ref_rows, strict=True):
         assert r["step"] == q["step"] and r["baseline_val_mse"] == q["baseline_val_mse"]
         assert r["train_loss"] == pytest.approx(q["train_loss"], rel=1e-4)  # the epoch's loss sum was resumed too
@@ -193,9 +194,9 @@ def test_resume_after_interrupt_matches_uninterrupted(trained, prepared, tmp_pat
 def test_damaged_checkpoint_falls_back_to_previous(trained, tmp_path, caplog):
     ref_run, ref = trained
     run = _copy(Path(ref_run.url), tmp_path / "run")
-    ck = Checkpointer(run, dict, every=EVERY)
+    ck = Checkpointer(run.student(), dict, every=EVERY)
     steps = ck.entries()
-    newest = Path(run.path("checkpoints", f"ckpt-{steps[-1]:09d}.safetensors"))
+    newest = Path(run.student().path("checkpoints", f"ckpt-{steps[-1]:09d}.safetensors"))
     blob = bytearray(newest.read_bytes())
     blob[len(blob) // 2] ^= 0xFF
     newest.write_bytes(bytes(blob))
@@ -212,7 +213,7 @@ def test_damaged_checkpoint_falls_back_to_previous(trained, tmp_path, caplog):
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
     # nothing intact at all: a clear error, not a silent restart
     for s in ck.entries():
-        Path(run.path("checkpoints", f"ckpt-{s:09d}.json")).write_text("{torn")
+        Path(run.student().path("checkpoints", f"ckpt-{s:09d}.json")).write_text("{torn")
     with pytest.raises(CheckpointError, match="no intact checkpoint"):
         train.run(run, progress=False)
 
@@ -231,11 +232,12 @@ def test_ddp_two_processes_gloo(two_processes):
     shares = report["shares"]
     assert sorted(shares) == [0, 1] and all(len(s) == n_train // 2 for s in shares.values())
     assert not set(shares[0]) & set(shares[1])
-    held = set(manifest.read_manifest(run, "extract")["image_id"].to_pylist()) - set(shares[0]) - set(shares[1])
+    extracted = manifest.read_manifest(run.teacher(), "extract")["image_id"].to_pylist()
+    held = set(extracted) - set(shares[0]) - set(shares[1])
     assert len(held) == n_val + n_train % 2
-    rows = manifest.read_manifest(run, "train").to_pylist()
+    rows = manifest.read_manifest(run.student(), "train").to_pylist()
     assert len(rows) == 1 and rows[0]["step"] == n_train // 2 and np.isfinite(rows[0]["val_mse"])
-    assert build("tiny-siglip", checkpoint=run.path("checkpoints", "best.safetensors")) is not None
+    assert build("tiny-siglip", checkpoint=run.student().path("checkpoints", "best.safetensors")) is not None
 
 
 def test_one_process_accumulating_equals_two_processes(two_processes, prepared, tmp_path):
@@ -249,7 +251,7 @@ def test_one_process_accumulating_equals_two_processes(two_processes, prepared, 
     assert any(not torch.equal(v, build("tiny-siglip").state_dict()[k]) for k, v in a.items())  # it trained
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
-    (r1,), (r2,) = manifest.read_manifest(run, "train").to_pylist(), manifest.read_manifest(ddp_run, "train").to_pylist()
+    (r1,), (r2,) = (manifest.read_manifest(r.student(), "train").to_pylist() for r in (run, ddp_run))
     assert r1["step"] == r2["step"]
     assert r1["train_loss"] == pytest.approx(r2["train_loss"], rel=1e-5)
     assert r1["val_mse"] == pytest.approx(r2["val_mse"], rel=1e-5)
@@ -273,7 +275,7 @@ def test_process_count_must_divide_images_per_step(prepared):
     assert "\n" not in str(e.value)
     with pytest.raises(TrainError, match="4 processes do not divide .*=2: use 1 or 2"):
         train.run(run, processes=4, progress=False, images_per_step=2)
-    assert not run.exists("checkpoints")  # refused before any work
+    assert not run.student().exists("checkpoints")  # refused before any work
 
 
 # ---- the reference's data: no held-out slice, the same sorted order every epoch --------------------
@@ -294,15 +296,15 @@ def test_holdout_fraction_zero_trains_every_image_and_keeps_the_last_epoch(sorte
     from spar_pipeline.report import write_summary
 
     run, report = sorted_no_holdout
-    ids = [r["image_id"] for r in manifest.read_manifest(run, "extract").to_pylist() if r["status"] == "ok"]
+    ids = [r["image_id"] for r in manifest.read_manifest(run.teacher(), "extract").to_pylist() if r["status"] == "ok"]
     assert report["train_images"] == len(ids) == 4 and report["val_images"] == 0
     assert report["val_mse"] is report["baseline_val_mse"] is report["best_val_mse"] is None
-    rows = sorted(manifest.read_manifest(run, "train").to_pylist(), key=lambda r: r["epoch"])
+    rows = sorted(manifest.read_manifest(run.student(), "train").to_pylist(), key=lambda r: r["epoch"])
     assert [r["epoch"] for r in rows] == list(range(EPOCHS))
     assert all(r["val_mse"] is None and r["baseline_val_mse"] is None and r["train_loss"] > 0 for r in rows)
-    best = json.loads(run.read_bytes("checkpoints", "best.json"))
+    best = json.loads(run.student().read_bytes("checkpoints", "best.json"))
     assert (best["epoch"], best["step"]) == (rows[-1]["epoch"], rows[-1]["step"])
-    sd = build("tiny-siglip", checkpoint=run.path("checkpoints", "best.safetensors")).state_dict()
+    sd = build("tiny-siglip", checkpoint=run.student().path("checkpoints", "best.safetensors")).state_dict()
     assert all(torch.equal(sd[k], v) for k, v in _trainable(run, rows[-1]["step"]).items())
     assert not all(torch.equal(sd[k], v) for k, v in _trainable(run, rows[0]["step"]).items())
     summary = write_summary(run, {})
@@ -319,5 +321,5 @@ def test_sorted_order_is_the_same_each_epoch_and_interleaved_across_ranks(sorted
     with pytest.raises(TrainError, match="order='random'"):
         split.epoch_order(ids, 0, 0, "random")
     run, report = sorted_no_holdout  # the trainer follows the recipe's order: its last epoch went in id order
-    ids = [r["image_id"] for r in manifest.read_manifest(run, "extract").to_pylist() if r["status"] == "ok"]
+    ids = [r["image_id"] for r in manifest.read_manifest(run.teacher(), "extract").to_pylist() if r["status"] == "ok"]
     assert report["shares"][0] == sorted(ids)

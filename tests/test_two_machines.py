@@ -138,7 +138,7 @@ def _all_rows(run: Run, stage: str) -> list[dict]:
 
 
 def _check_maps(run: Run, rows: list[dict]) -> None:
-    store = FeatureStore.open(run.url_for("features.zarr"), storage_options=run.storage_options)
+    store = FeatureStore.open(run.teacher().store_url, storage_options=run.storage_options)
     for r in rows:
         assert store.verify(r["image_id"], (r["grid_h"], r["grid_w"], r["dim"]), r["checksum"]) is None
         fmap = store.read(r["image_id"])
@@ -163,7 +163,7 @@ def test_ingest_augment_extract_on_two_workers_then_train_elsewhere(cluster, s3_
     run = Run(run_url)
     planned = sorted(manifest.read_manifest(run, "augment")["image_id"].to_pylist())
     assert len(planned) == 12
-    rows = _all_rows(run, "extract")
+    rows = _all_rows(run.teacher(), "extract")
     assert sorted(r["image_id"] for r in rows) == planned, "every image exactly once"
     assert all(r["status"] == "ok" for r in rows), [r for r in rows if r["status"] != "ok"]
     _check_maps(run, rows)
@@ -173,9 +173,9 @@ def test_ingest_augment_extract_on_two_workers_then_train_elsewhere(cluster, s3_
     trainer = root / "trainer"
     trainer.mkdir()
     _cli(trainer, "train", "--run", run_url, "--epochs", "1")
-    epochs = manifest.read_manifest(run, "train").to_pylist()
+    epochs = manifest.read_manifest(run.student(), "train").to_pylist()
     assert epochs and np.isfinite(epochs[-1]["val_mse"])
-    assert run.exists("checkpoints", "best.safetensors")
+    assert run.student().exists("checkpoints", "best.safetensors")
     extract_status = next(s for s in stage_status(Run(run_url)) if s["stage"] == "extract")
     assert (extract_status["planned"], extract_status["done"], extract_status["pending"]) == (12, 12, 0)
     _no_local_run(client_dir, trainer, *(m.dir for m in machines.values()))
@@ -199,7 +199,7 @@ def test_worker_machine_killed_mid_extract_the_other_finishes(cluster, s3_bucket
         deadline = time.time() + 240
         victim, held = None, []
         while time.time() < deadline and proc.poll() is None:
-            if manifest._part_names(run, "extract"):
+            if manifest._part_names(run.teacher(), "extract"):
                 loads = {n: _processing(client, machines[n]) for n in ("gpu-a", "gpu-b")}
                 name = max(loads, key=lambda n: len(loads[n]))
                 if loads[name]:
@@ -215,7 +215,7 @@ def test_worker_machine_killed_mid_extract_the_other_finishes(cluster, s3_bucket
             proc.wait()
     assert proc.returncode == 0, out
 
-    rows = manifest.read_manifest(run, "extract").to_pylist()
+    rows = manifest.read_manifest(run.teacher(), "extract").to_pylist()
     planned = sorted(manifest.read_manifest(run, "augment")["image_id"].to_pylist())
     assert sorted(r["image_id"] for r in rows) == planned and len(planned) == 16
     assert all(r["status"] == "ok" for r in rows)

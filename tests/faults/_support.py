@@ -121,9 +121,9 @@ def assert_no_conflicts(run: Run, stage: str, same: tuple[str, ...]) -> None:
 
 def assert_maps_intact(run: Run) -> list[dict]:
     """Every extract row references a readable map of its shape and checksum."""
-    rows = manifest.read_manifest(run, "extract").to_pylist()
+    rows = manifest.read_manifest(run.teacher(), "extract").to_pylist()
     if rows:
-        store = FeatureStore.open(run.url_for("features.zarr"), storage_options=run.storage_options)
+        store = FeatureStore.open(run.teacher().store_url, storage_options=run.storage_options)
         for r in rows:
             assert r["status"] == "ok", r
             assert store.verify(r["image_id"], (r["grid_h"], r["grid_w"], r["dim"]), r["checksum"]) is None, r
@@ -140,7 +140,7 @@ def done_once(run: Run, stage: str, planned: list[int]) -> dict[int, dict]:
 
 def checkpoint_steps(run: Run) -> list[int]:
     """Steps of the checkpoints that load intact."""
-    ck = Checkpointer(run, dict, every=EVERY)
+    ck = Checkpointer(run.student(), dict, every=EVERY)
     good = []
     for step in ck.entries():
         ck.load(step)  # raises CheckpointError when damaged: a kill must never leave that behind

@@ -184,10 +184,10 @@ def test_run_kind(tmp_path, augmented, caplog, kind):
             augment.run(run)
         assert "part-99999999999999999999-x.parquet" in str(e.value)  # names the file
     elif kind == "store_other_fingerprint":
-        FeatureStore.create(run.url_for("features.zarr"), {"backbone": "tiny-clip", "digest": "0123"})
+        FeatureStore.create(run.teacher().store_url, {"backbone": "tiny-clip", "digest": "0123"})
         with pytest.raises(StoreError, match=want) as e:
             extract.run(run, workers=1, progress=False)
-        assert manifest.read_manifest(run, "extract").num_rows == 0
+        assert manifest.read_manifest(run.teacher(), "extract").num_rows == 0
     elif kind == "checkpoint_other_backbone":
         from safetensors.torch import save_file
 
@@ -206,17 +206,17 @@ def test_run_kind(tmp_path, augmented, caplog, kind):
             manifest.write_part(run, stage, manifest.read_manifest(Run(str(tmp_path / "run")), stage))
         b = build("tiny-siglip", checkpoint=str(ckpt))
         fp = extract.teacher_fingerprint(run, b.weights_digest, b.patch_size)
-        FeatureStore.create(run.url_for("features.zarr"), fp)
+        FeatureStore.create(run.teacher().store_url, fp)
         spec = extract.ExtractSpec(run.url, {}, "tiny-siglip", str(ckpt), r.extract, r.ingest.max_pixels, fp)
         items = extract.plan(run)[:3]
         with caplog.at_level(logging.WARNING, logger="spar_pipeline.extract"):
             rep = extract.extract_batch(spec, items)
         assert sorted(m for m in caplog.messages if want in m) == sorted(
             f"image {i['image_id']}: teacher map {want}; rejected" for i in items)
-        rows = manifest.read_manifest(run, "extract").to_pylist()
+        rows = manifest.read_manifest(run.teacher(), "extract").to_pylist()
         assert rep["rejected"] == 3 and len(rows) == 3
         assert all(x["status"] == "rejected" and want in x["reason"] for x in rows), rows
-        assert not any(FeatureStore.open(run.url_for("features.zarr")).exists(i["image_id"]) for i in items)
+        assert not any(FeatureStore.open(run.teacher().store_url).exists(i["image_id"]) for i in items)
         return
     assert len(str(e.value).splitlines()) == 1  # one clear line
 

@@ -25,8 +25,8 @@ from faults._support import EVERY, assert_maps_intact, copy_run, done_once
 def test_damaged_maps_and_torn_part_are_redone(tmp_path, extracted, caplog):
     run = copy_run(extracted, tmp_path / "run")
     planned = manifest.read_manifest(run, "augment")["image_id"].to_pylist()
-    ids = sorted(manifest.read_manifest(run, "extract")["image_id"].to_pylist())
-    maps = Path(run.path("features.zarr", "maps"))
+    ids = sorted(manifest.read_manifest(run.teacher(), "extract")["image_id"].to_pylist())
+    maps = Path(run.teacher().path("features.zarr", "maps"))
     gone, no_chunk, bad_meta = ids[0], ids[1], ids[2]
     shutil.rmtree(maps / str(gone))
     shutil.rmtree(maps / str(no_chunk) / "c")
@@ -39,12 +39,12 @@ def test_damaged_maps_and_torn_part_are_redone(tmp_path, extracted, caplog):
     assert lines[gone][0].endswith(": missing") and lines[no_chunk][0].endswith(": missing chunk")
     assert "unreadable" in lines[bad_meta][0]
     # a torn extract part: quarantined on read, its images count as not done
-    part = sorted(Path(run.path("manifests", "extract")).glob("part-*.parquet"))[-1]
+    part = sorted(Path(run.teacher().path("manifests", "extract")).glob("part-*.parquet"))[-1]
     torn_ids = set(pq.read_table(part).column("image_id").to_pylist())
     part.write_bytes(part.read_bytes()[:40])
     assert verify(run, repair=True)["repaired"]
     assert (Path(run.path("manifests", "extract", "quarantine")) / part.name).exists()
-    redo = {r["image_id"] for r in manifest.read_manifest(run, "extract").to_pylist() if r["status"] == "redo"}
+    redo = {r["image_id"] for r in manifest.read_manifest(run.teacher(), "extract").to_pylist() if r["status"] == "redo"}
     assert redo == {gone, no_chunk, bad_meta} - torn_ids
     report = extract.run(run, workers=1, progress=False)
     assert report["done"] == len(redo | torn_ids)
@@ -57,10 +57,10 @@ def test_verify_checks_checkpoints_and_repair_quarantines(tmp_path, extracted, c
     run = copy_run(extracted, tmp_path / "run")
     n_train = len(training_items(run)[0])
     train.run(run, progress=False, stop_after_steps=n_train + 2 * EVERY + 1)  # the epoch end + 2 step checkpoints
-    ck = Checkpointer(run, dict, every=EVERY)
+    ck = Checkpointer(run.student(), dict, every=EVERY)
     steps = ck.entries()
     assert len(steps) >= 3 and n_train in steps
-    folder = Path(run.path("checkpoints"))
+    folder = Path(run.student().path("checkpoints"))
     torn = folder / f"ckpt-{steps[-1]:09d}.safetensors"
     torn.write_bytes(torn.read_bytes()[:100])
     (folder / f"ckpt-{steps[-2]:09d}.json").write_text("{torn")

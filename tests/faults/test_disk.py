@@ -68,7 +68,7 @@ def test_map_write_fails_no_row_for_it(tmp_path, monkeypatch, augmented, code):
     r = run.recipe
     b = build(r.recipe.backbone)
     fp = extract.teacher_fingerprint(run, b.weights_digest, b.patch_size)
-    FeatureStore.create(run.url_for("features.zarr"), fp)
+    FeatureStore.create(run.teacher().store_url, fp)
     spec = extract.ExtractSpec(run.url, {}, r.recipe.backbone, r.recipe.checkpoint, r.extract, r.ingest.max_pixels, fp)
     items = extract.plan(run)[:3]
     victim = items[1]["image_id"]
@@ -77,14 +77,14 @@ def test_map_write_fails_no_row_for_it(tmp_path, monkeypatch, augmented, code):
         extract.extract_batch(spec, items)
     assert e.value.errno == code and f"maps/{victim}/c" in str(e.value) and len(str(e.value).splitlines()) == 1
     monkeypatch.undo()
-    assert manifest.read_manifest(run, "extract").num_rows == 0  # the batch's part is written after its maps
-    store = FeatureStore.open(run.url_for("features.zarr"))
+    assert manifest.read_manifest(run.teacher(), "extract").num_rows == 0  # the batch's part is written after its maps
+    store = FeatureStore.open(run.teacher().store_url)
     assert not store.exists(victim)
     with pytest.raises(KeyError):
         store.read(victim)
     assert _leftovers(tmp_path / "run") == []
     extract.extract_batch(spec, items)  # the retry (Dask's, or the rerun's) writes it
-    rows = {x["image_id"]: x for x in manifest.read_manifest(run, "extract").to_pylist()}
+    rows = {x["image_id"]: x for x in manifest.read_manifest(run.teacher(), "extract").to_pylist()}
     assert sorted(rows) == sorted(i["image_id"] for i in items)
     assert store.verify(victim, (rows[victim]["grid_h"], rows[victim]["grid_w"], rows[victim]["dim"]),
                         rows[victim]["checksum"]) is None

@@ -67,7 +67,7 @@ def test_flaky_store_every_stage_retries_and_finishes(s3_server, s3_bucket, sour
     _same_as_clean(direct, clean, "augment", ())
     rows = done_once(direct, "extract", manifest.read_manifest(clean, "augment")["image_id"].to_pylist())
     assert_maps_intact(direct)
-    mine, ref = FeatureStore.open(direct.url_for("features.zarr")), FeatureStore.open(clean.url_for("features.zarr"))
+    mine, ref = FeatureStore.open(direct.teacher().store_url), FeatureStore.open(clean.teacher().store_url)
     for image_id in rows:
         np.testing.assert_allclose(mine.read(image_id).astype(np.float32), ref.read(image_id).astype(np.float32),
                                    rtol=2e-3, atol=2e-3)

@@ -93,9 +93,9 @@ def test_augment_killed_five_times(tmp_path, recipe, augmented):
 
 
 def _maps_match(run: Run, clean: Run) -> None:
-    a = FeatureStore.open(run.url_for("features.zarr"))
-    b = FeatureStore.open(clean.url_for("features.zarr"))
-    for image_id in manifest.read_manifest(run, "extract")["image_id"].to_pylist():
+    a = FeatureStore.open(run.teacher().store_url)
+    b = FeatureStore.open(clean.teacher().store_url)
+    for image_id in manifest.read_manifest(run.teacher(), "extract")["image_id"].to_pylist():
         np.testing.assert_allclose(a.read(image_id).astype(np.float32), b.read(image_id).astype(np.float32),
                                    rtol=2e-3, atol=2e-3)
 
@@ -113,10 +113,10 @@ def test_extract_client_and_workers_killed(tmp_path, augmented, extracted):
     run = copy_run(augmented, tmp_path / "run")
     partial = []
     for i, delay in enumerate(MOMENTS["extract-client"]):
-        before = parts(run, "extract")
+        before = parts(run.teacher(), "extract")
         log = tmp_path / f"extract-{i}.log"
         proc = start(["extract", "--run", run.url, "--workers", "1"], slow=0.3, log=log)
-        wait_until(lambda: parts(run, "extract") > before, proc)
+        wait_until(lambda: parts(run.teacher(), "extract") > before, proc)
         time.sleep(delay)
         assert kill_group(proc), f"extract finished before the kill at {delay}s"
         rows = assert_maps_intact(run)
@@ -128,7 +128,7 @@ def test_extract_client_and_workers_killed(tmp_path, augmented, extracted):
     proc = start(["extract", "--run", run.url, "--workers", "2"], slow=0.3, log=log)
     killed: list[int] = []
     for k, delay in enumerate(MOMENTS["extract-worker"]):
-        if not wait_until(lambda: parts(run, "extract") > partial[-1] + k, proc):
+        if not wait_until(lambda: parts(run.teacher(), "extract") > partial[-1] + k, proc):
             break
         time.sleep(delay)
         workers = [w for w in _workers(proc) if w.pid not in killed]
@@ -143,7 +143,7 @@ def test_extract_client_and_workers_killed(tmp_path, augmented, extracted):
 
 
 def _latest_ckpt(run: Run) -> int:
-    return max(Checkpointer(run, dict, every=EVERY).entries(), default=0)
+    return max(Checkpointer(run.student(), dict, every=EVERY).entries(), default=0)
 
 
 def test_train_killed_five_times_resumes_from_last_checkpoint(tmp_path, extracted, caplog):
@@ -151,7 +151,7 @@ def test_train_killed_five_times_resumes_from_last_checkpoint(tmp_path, extracte
     expect_resume: int | None = None
     partial = 0
     for i, delay in enumerate(MOMENTS["train"]):
-        if manifest.read_manifest(run, "train").num_rows == EPOCHS:  # finished: start a fresh copy
+        if manifest.read_manifest(run.student(), "train").num_rows == EPOCHS:  # finished: start a fresh copy
             run, expect_resume = copy_run(extracted, tmp_path / "run"), None
         before = _latest_ckpt(run)
         log = tmp_path / f"train-{i}.log"
@@ -164,7 +164,7 @@ def test_train_killed_five_times_resumes_from_last_checkpoint(tmp_path, extracte
             assert f"resumed from step {expect_resume} " in text, text[-1500:]
         steps = checkpoint_steps(run)  # every checkpoint left behind loads intact
         expect_resume = max(steps, default=None)
-        epochs = manifest.read_manifest(run, "train")["epoch"].to_pylist()
+        epochs = manifest.read_manifest(run.student(), "train")["epoch"].to_pylist()
         assert sorted(epochs) == list(range(len(epochs)))  # an epoch row only after its epoch
         partial += len(epochs) < EPOCHS
     assert partial >= 1
@@ -174,7 +174,7 @@ def test_train_killed_five_times_resumes_from_last_checkpoint(tmp_path, extracte
         assert f"resumed from step {expect_resume} " in caplog.text
         assert report["steps_this_run"] == report["step"] - expect_resume
     assert report["step"] == EPOCHS * report["train_images"]
-    rows = sorted(manifest.read_manifest(run, "train").to_pylist(), key=lambda r: r["epoch"])
+    rows = sorted(manifest.read_manifest(run.student(), "train").to_pylist(), key=lambda r: r["epoch"])
     assert [(r["epoch"], r["step"]) for r in rows] == [(e, (e + 1) * report["train_images"]) for e in range(EPOCHS)]
     assert_no_conflicts(run, "train", ("step",))
-    Checkpointer(run, dict, every=EVERY).load(report["step"])
+    Checkpointer(run.student(), dict, every=EVERY).load(report["step"])
