@@ -78,10 +78,9 @@ def _rows() -> list[dict]:
 
 def _write_student(run: Run, name: str, settings: dict, val: list[float], baseline: float) -> None:
     run.write_bytes_atomic(tomli_w.dumps(settings).encode(), "students", name, "student.toml")
-    folder = Run(run.url_for("students", name))
-    manifest.write_part(folder, "train", [dict(epoch=e, step=10 * e, train_loss=v * 1.1, val_mse=v,
+    manifest.write_part(run.student(name), "train", [dict(epoch=e, step=10 * e, train_loss=v * 1.1, val_mse=v,
                                                baseline_val_mse=baseline, seconds=1.0, data_wait_seconds=0.0,
-                                               checkpoint=f"ckpt-{e}") for e, v in enumerate(val, start=1)])
+                                               checkpoint=f"ckpt-{e}") for e, v in enumerate(val)])
 
 
 @pytest.fixture(scope="module")
@@ -260,10 +259,9 @@ def test_qualitative_pictures_drawn_once_and_again_when_the_student_changes(tmp_
     with torch.no_grad():
         for p in list(model.parameters())[-4:]:
             p.add_(0.05 * torch.randn_like(p))
-    for parts in (("checkpoints",), ("students", "default", "checkpoints")):  # the one-student and study layouts
-        weights = Path(run.path(*parts, "best.safetensors"))
-        weights.parent.mkdir(parents=True)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    weights = Path(run.student("default").best_weights)
+    weights.parent.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
     _write_student(run, "default", dict(BASE), [0.4, 0.3], baseline=0.8)
     manifest.write_part(run, "evaluate", [
         _evaluate_row(model="pretrained", mode="single", dataset="scenes", miou=20.0),
@@ -299,3 +297,62 @@ def test_rows_evaluated_as_best_are_the_default_students(tmp_path):
     assert "| best |" not in md
     row = next(line for line in _section(md, "Students").splitlines() if line.startswith("| default |"))
     assert row.endswith("| 27.50 |")  # its mean mIoU
+
+
+@pytest.mark.slow
+def test_report_of_a_real_tiny_study(tmp_path):
+    """The real stages on tiny-cpu: three students (the default, another trainable set, another seed), the
+    pretrained model at two scales; the report lists them all, groups them, draws every figure, links what exists.
+    (A second teacher's grouping is the synthetic study's: here it would cost one more extract cluster.)"""
+    import re as regex
+
+    from spar_pipeline import augment, evaluate, extract, ingest, train
+    from spar_pipeline.datasets import make_synthetic
+    from spar_pipeline.mini.sa1b_writer import make_sa1b_source
+    from spar_pipeline.resources import stages_dir
+
+    text = (stages_dir() / "tiny-cpu.toml").read_text()
+    for key, value in dict(epochs="2", holdout_fraction="0.25", checkpoint_every="1000").items():
+        text = regex.sub(rf"(?m)^{key} = .*$", f"{key} = {value}", text)
+    (tmp_path / "tiny.toml").write_text(text)
+    run = Run(str(tmp_path / "run"))
+    run.resolve_recipe(str(tmp_path / "tiny.toml"))
+    ingest.run(run, [str(t) for t in make_sa1b_source(tmp_path / "src", n_tars=1, per_tar=8, size=(128, 96), seed=3)])
+    augment.run(run)
+    extract.run(run, workers=1, progress=False)
+    train.run(run, progress=False)
+    train.run(run, progress=False, student="blk1", trainable="blk_-1")
+    train.run(run, progress=False, student="seed1", seed=1)
+    bench = {"voc20": str(make_synthetic("voc20", tmp_path / "data", n=2, size=(48, 64)))}
+    evaluate.run(run, bench, checkpoints=["pretrained"], modes=("single", "sliding"), strides=[24], scales=(1.0, 0.5))
+    evaluate.run(run, bench, checkpoints=["default", "blk1", "seed1"], scales=(1.0, 0.5))
+
+    out = write_report(run, datasets=bench, images=1)
+    reports = Path(run.path("reports"))
+    md = (reports / "tables.md").read_text()
+    for name in ("default", "blk1", "seed1"):
+        assert f"| {name} |" in _section(md, "Students") and f"| {name} | single |" in _section(md, "Table 1 shape")
+    t2 = _section(md, "Table 2 shape")
+    counts = {s: run.student(s).settings["trainable_params"] for s in ("default", "blk1")}
+    assert counts["blk1"] < counts["default"]
+    assert "blk1" in t2 and "default, seed1" in t2  # the seed folded into the default's row
+    assert "2 seeds" in _section(md, "Tables 5–6 shape")
+    names = {Path(f).name for f in out["figures"]}
+    assert {"fig1_speed_accuracy.png", "fig3_scale.png", "training_curves.png", "class_gain.png",
+            "fig5_qualitative.png", "fig7_pca.png"} <= names
+    for name in names:
+        _assert_png(reports / "figures" / name)
+    assert {f"figures/{n}" for n in names} <= set(_assert_links_exist(reports))
+
+
+def test_a_run_of_the_older_layout_gets_a_page_naming_the_migration(tmp_path):
+    run = Run(str(tmp_path / "old"))
+    run.resolve_recipe("mini")
+    Path(run.path("checkpoints")).mkdir()  # the one-student layout kept its checkpoints at the run's top
+    manifest.write_part(run, "evaluate", [_evaluate_row(model="pretrained", mode="single", dataset="scenes",
+                                                        miou=20.0)])
+    write_report(run, pictures=False)
+    reports = Path(run.path("reports"))
+    assert "spar-pipeline migrate --run" in (reports / "index.html").read_text()
+    assert "| pretrained | single | 20.00 |" in (reports / "tables.md").read_text()
+    _assert_links_exist(reports)

@@ -80,7 +80,7 @@ def speed_accuracy(study: Study) -> Picture | None:
             drawn += 1
     if not drawn:
         return None
-    ax.set_xscale("log")
+    _log_axis(ax.xaxis)
     ax.set_xlabel("forward seconds per image (log scale)")
     ax.set_ylabel(_mean_label(datasets))
     ax.set_title("Accuracy against inference time")
@@ -124,7 +124,7 @@ def scale_sweep(study: Study) -> Picture | None:
     left.set_title("Accuracy against resolution")
     right.set_xlabel("evaluation scale (× the recipe's size)")
     right.set_ylabel("forward seconds per image (log scale)")
-    right.set_yscale("log")
+    _log_axis(right.yaxis)
     right.set_title("Inference time against resolution")
     _legend(right, lines)
     return Picture("fig3_scale.png", "Fig. 3 shape: mIoU and seconds per image against evaluation scale",
@@ -140,7 +140,7 @@ def training_curves(study: Study) -> Picture | None:
         return None
     fig, ax = _figure(7.5, 4.6)
     for s in drawn:
-        pts = [(r["epoch"], r[key]) for r in s.curve if _ok(r.get(key))]
+        pts = [(r["epoch"] + 1, r[key]) for r in s.curve if _ok(r.get(key))]  # the manifest counts epochs from 0
         ax.plot([e for e, _ in pts], [v for _, v in pts], "-o", markersize=3, color=col[s.name], label=s.name)
     baselines: dict[str, float] = {}
     for s in drawn:
@@ -152,7 +152,7 @@ def training_curves(study: Study) -> Picture | None:
     values = [v for s in drawn for r in s.curve if _ok(v := r.get(key))] + list(baselines.values())
     if min(values) > 0 and max(values) / min(values) > 20:
         ax.set_yscale("log")
-    ax.set_xlabel("epoch")
+    ax.set_xlabel("epochs trained")
     ax.set_ylabel("held-out MSE against the teacher" if key == "val_mse" else "training loss (no held-out slice)")
     ax.set_title("Training curves")
     ax.xaxis.get_major_locator().set_params(integer=True)
@@ -237,6 +237,17 @@ def _figure(width: float, height: float, ncols: int = 1):
     for ax in (axes if ncols > 1 else [axes]):
         ax.grid(True, which="both", alpha=0.3)
     return fig, axes
+
+
+def _log_axis(axis) -> None:
+    """Log scale with readable ticks on short ranges: majors at 1, 2 and 5 × 10^k as plain numbers."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    axis.axes.set_xscale("log") if axis.axis_name == "x" else axis.axes.set_yscale("log")
+    axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
+    axis.set_minor_formatter(NullFormatter())
+    axis.axes.margins(**{axis.axis_name: 0.15})
 
 
 def _legend(ax, entries: int) -> None:

@@ -9,18 +9,16 @@ is missing in ``notes``, so the page can show it instead of failing.
 from __future__ import annotations
 
 import math
-import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
 from spar_pipeline import manifest
-from spar_pipeline.errors import ManifestError, first_line
+from spar_pipeline.errors import ManifestError, RunError, first_line
 from spar_pipeline.run import Run
 
 __all__ = ["Study", "Student", "load_study", "PRETRAINED"]
 
 PRETRAINED = "pretrained"  # the evaluate manifest's label of the recipe's own weights
-STUDENTS, TEACHERS = "students", "teachers"
 
 
 @dataclass
@@ -73,11 +71,15 @@ class Study:
 
 
 def load_study(run: Run) -> Study:
+    """The study of ``run``; a run of the older layout gets its evaluate rows and a note naming the migration."""
     notes: list[str] = []
     rows = _evaluate_rows(run, notes)
-    students = [_student(run, name, notes) for name in _names(run, STUDENTS, "student.toml")]
-    teachers = {name: _toml(run, notes, TEACHERS, name, "teacher.toml") or {}
-                for name in _names(run, TEACHERS, "teacher.toml")}
+    try:
+        students = [_student(run, name, notes) for name in run.students()]
+        teachers = {name: _settings(run.teacher(name), notes) for name in run.teachers()}
+    except RunError as e:
+        notes.append(first_line(e, 400))
+        students, teachers = [], {}
     if not students:
         notes.append("No students in this run yet: `spar-pipeline train --run R [--student NAME]` makes one.")
     if not rows:
@@ -87,31 +89,18 @@ def load_study(run: Run) -> Study:
 
 
 # ---- helpers -----------------------------------------------------------------------------
-def _names(run: Run, folder: str, settings_file: str) -> list[str]:
-    """Names of the run's students or teachers: the folders holding their settings file."""
-    listing = getattr(run, folder, None)
-    if callable(listing):
-        return list(listing())
+def _settings(folder, notes: list[str]) -> dict[str, Any]:
+    """A teacher's or student's settings file; {} when it is missing or unreadable (said in ``notes``)."""
     try:
-        found = run.fs.glob(run.path(folder, "*", settings_file))
-    except FileNotFoundError:
-        return []
-    return sorted(p.rstrip("/").rsplit("/", 2)[-2] for p in found)
-
-
-def _toml(run: Run, notes: list[str], *parts: str) -> dict[str, Any] | None:
-    try:
-        return tomllib.loads(run.read_bytes(*parts).decode())
-    except FileNotFoundError:
-        return None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        notes.append(f"{run.url_for(*parts)}: unreadable ({first_line(e)}); left out of the grouping.")
-        return None
+        return folder.settings or {}
+    except RunError as e:
+        notes.append(f"{first_line(e)}; left out of the grouping.")
+        return {}
 
 
 def _student(run: Run, name: str, notes: list[str]) -> Student:
-    settings = _toml(run, notes, STUDENTS, name, "student.toml") or {}
-    folder = Run(run.url_for(STUDENTS, name), run.storage_options)
+    folder = run.student(name)
+    settings = _settings(folder, notes)
     try:
         curve = sorted(manifest.read_manifest(folder, "train").to_pylist(), key=lambda r: r["epoch"])
     except ManifestError as e:

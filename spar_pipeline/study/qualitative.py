@@ -182,15 +182,17 @@ def _segmentation_panel(rows, heads: list[str], names: list[str]) -> bytes:
     palette = class_colours(len(names))
     h, w = rows[0][0].shape[:2]
     cols = len(heads)
-    fig = Figure(figsize=(2.2 * cols * w / max(h, w) + 0.4, 2.2 * len(rows) * h / max(h, w) + 1.6), dpi=110,
-                 layout="constrained")
-    axs = fig.subplots(len(rows), cols, squeeze=False)
     present: set[int] = set()
-    for r, (image, gt, preds) in enumerate(rows):
-        cells = [image, _colour(gt, palette)] + [_colour(p, palette) for p in preds]
+    for _, gt, preds in rows:
         present |= {int(c) for c in np.unique(gt) if c != 255}
         for p in preds:
             present |= {int(c) for c in np.unique(p)}
+    legend_rows = -(-len(present) // 8)
+    fig = Figure(figsize=(2.2 * cols * w / max(h, w) + 0.4, 2.2 * len(rows) * h / max(h, w) + 0.5 + 0.25 * legend_rows),
+                 dpi=110, layout="constrained")
+    axs = fig.subplots(len(rows), cols, squeeze=False)
+    for r, (image, gt, preds) in enumerate(rows):
+        cells = [image, _colour(gt, palette)] + [_colour(p, palette) for p in preds]
         for c, cell in enumerate(cells):
             ax = axs[r][c]
             ax.imshow(cell, interpolation="nearest")
@@ -208,7 +210,7 @@ def _pca_panel(rows, heads: list[str]) -> bytes:
 
     h, w = rows[0][0].shape[:2]
     cols = len(heads)
-    fig = Figure(figsize=(2.2 * cols * w / max(h, w) + 0.4, 2.2 * len(rows) * h / max(h, w) + 0.6), dpi=110,
+    fig = Figure(figsize=(2.2 * cols * w / max(h, w) + 0.4, 2.2 * len(rows) * h / max(h, w) + 0.4), dpi=110,
                  layout="constrained")
     axs = fig.subplots(len(rows), cols, squeeze=False)
     for r, (image, maps) in enumerate(rows):

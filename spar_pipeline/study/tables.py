@@ -166,12 +166,12 @@ def students_table(study: Study) -> Table:
     datasets = dataset_order(study.rows)
     keys = [k for k in ("teacher", "trainable", "images", "seed") if any(k in s.settings for s in study.students)]
     keys += [k for k in axes(study.students) if k not in keys]
-    header = ["student", *keys, "trainable params", "epochs", "best val_mse", "pretrained val_mse", "mean mIoU"]
+    header = ["student", *keys, "trainable params", "epochs trained", "best val_mse", "pretrained val_mse",
+              "mean mIoU"]
     body = []
     for s in study.students:
-        epochs = max((r["epoch"] for r in s.curve), default=None)
         body.append([s.name, *(_cell(s.settings.get(k)) for k in keys), _count(s.settings.get("trainable_params")),
-                     "" if epochs is None else str(epochs), _g(s.best_val_mse), _g(s.baseline_val_mse),
+                     str(len({r["epoch"] for r in s.curve})), _g(s.best_val_mse), _g(s.baseline_val_mse),
                      _f(model_mean(student_cells(study, s), datasets))])
     note = "Settings from each student's student.toml; val_mse: held-out MSE against its teacher (lower is closer)."
     return Table("Students", header, body, note)
