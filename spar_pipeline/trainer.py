@@ -44,7 +44,9 @@ LOG_EVERY = 10  # optimizer steps between progress-line updates (each one syncs 
 @dataclass(frozen=True)
 class TrainSpec:
     """Everything a process needs; plain data so it crosses a spawn. ``recipe.train`` already
-    carries the call's overrides (epochs, trainable, images_per_step)."""
+    carries the student's settings (its student.toml: the recipe's [train] with its overrides).
+    ``student``/``teacher``: the folders it writes to and reads maps from; ``seed``: its epoch order
+    (None: the recipe's); ``settings``: what rank 0 freezes in student.toml once the model is built."""
 
     url: str
     storage_options: dict
@@ -55,6 +57,10 @@ class TrainSpec:
     progress: bool = True
     stop_after_steps: int | None = None
     keep_latest_k: int = 2
+    student: str = "default"
+    teacher: str = "default"
+    seed: int | None = None
+    settings: dict | None = None
 
 
 @dataclass
@@ -130,15 +136,18 @@ class Trainer:
         from spar_pipeline.backbones import build
 
         self.spec, self.cfg, self.rank, self.world = spec, spec.recipe.train, rank, world
-        self.device = torch_device(spec.gpus[rank] if spec.gpus else None)
+        self.device = torch_device(spec.gpus[rank] if spec.gpus else distributed.local_gpu())  # torchrun: LOCAL_RANK
         self.run = Run(spec.url, spec.storage_options)
+        self.folder = self.run.student(spec.student)  # its checkpoints and train manifest
         info = spec.recipe.recipe
         self.student = Student(build(info.backbone, info.checkpoint or None), self.cfg.trainable, lr=self.cfg.lr,
                                weight_decay=self.cfg.weight_decay, precision=self.cfg.precision, device=self.device,
                                accumulate=self.cfg.images_per_step // world, ddp=world > 1)
-        self.checkpointer = Checkpointer(self.run, self.state_dict, every=self.cfg.checkpoint_every,
+        if rank == 0 and spec.settings is not None:  # the model took the settings: freeze them
+            self.folder.freeze(spec.settings, trainable_params=self.student.n_trainable)
+        self.checkpointer = Checkpointer(self.folder, self.state_dict, every=self.cfg.checkpoint_every,
                                          keep_latest_k=spec.keep_latest_k, enabled=rank == 0)
-        loader = partial(PairLoader, store_url=self.run.store_url, storage_options=spec.storage_options,
+        loader = partial(PairLoader, store_url=self.run.teacher(spec.teacher).store_url, storage_options=spec.storage_options,
                          max_pixels=spec.recipe.ingest.max_pixels, workers=self.cfg.loader_workers,
                          pin_memory=self.device.type == "cuda")
         self.train_data, self.val_data = loader(spec.train_items), loader(spec.val_items)
@@ -180,7 +189,8 @@ class Trainer:
 
     def batches(self, epoch: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         """This process's share of the epoch from the current position; times the waits for data."""
-        order = epoch_order(self.train_ids, self.spec.recipe.recipe.seed, epoch, self.cfg.order)
+        seed = self.spec.recipe.recipe.seed if self.spec.seed is None else self.spec.seed
+        order = epoch_order(self.train_ids, seed, epoch, self.cfg.order)
         share = rank_share(order, self.rank, self.world, self.cfg.images_per_step)
         self.clock.seen = share[: self.state.position]
         it = self.train_data.read(share[self.state.position:])
@@ -248,7 +258,7 @@ class Trainer:
             self.checkpointer.export_best(self.student.model, dict(
                 backbone=self.spec.recipe.recipe.backbone, epoch=row["epoch"], step=row["step"],
                 val_mse=row["val_mse"], baseline_val_mse=row["baseline_val_mse"], checkpoint=row["checkpoint"]))
-        manifest.write_part(self.run, "train", [row])
+        manifest.write_part(self.folder, "train", [row])
 
     # ---- state (what the checkpointer saves) and resume ------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -297,7 +307,7 @@ class Trainer:
                  self.state.position)
         if entry.epoch_end and self.rank == 0:  # the crash may have come between checkpoint and row
             row = entry.meta["row"]
-            done = manifest.read_manifest(self.run, "train").to_pylist()
+            done = manifest.read_manifest(self.folder, "train").to_pylist()
             if not any(r["epoch"] == row["epoch"] and r["step"] == row["step"] for r in done):
                 self.publish(row, entry.meta["best"])
 

@@ -1,4 +1,4 @@
-"""The stage commands: ingest, augment, extract, train, evaluate, report, run (all of them), verify, status.
+"""The stage commands: ingest, augment, extract, train, evaluate, report, run (all of them), migrate, verify, status.
 
 Each loads the run and calls its stage; every stage reads the previous stage's manifest, does only
 what is not done yet and can be rerun after any failure to finish the rest.
@@ -13,6 +13,7 @@ from rich.console import Console
 
 from spar_pipeline.cli.common import (Count, Mode, RecipeOpt, RunOpt, StorageOpt, app, console, datasets, gpu_ids,
                                       names, one_of, open_run, reporting, scheduler_ok)
+from spar_pipeline.cli.launcher import Launcher, rank_zero, run_torchrun
 from spar_pipeline.errors import OptionError, SourceError
 
 TarsOpt = typer.Option(None, help="With --links: comma-separated tar names, e.g. sa_000000,sa_000001.")
@@ -95,12 +96,17 @@ def extract(
     scheduler: Optional[str] = typer.Option(None, help="Use an existing Dask scheduler, e.g. tcp://host:8786."),
     window_batch: Optional[int] = Count(None, help="Windows per forward (recipe default)."),
     limit: Optional[int] = Count(None, help="Extract at most N new images."),
+    teacher: str = typer.Option("default", "--teacher", help="Teacher name: another store over the same images "
+                                "(default: the recipe's [extract])."),
+    stride: Optional[int] = Count(None, help="Teacher stride s, frozen in the teacher's teacher.toml on its first "
+                                  "extract (recipe default)."),
     storage_options: Optional[str] = StorageOpt,
 ) -> None:
     """Run the sliding-window teacher and store one float16 map per image.
 
-    Reads: augment manifest + tars. Writes: RUN/features.zarr and RUN/manifests/extract/ (a row only
-    after its map is fully written). Resume: images with a row are skipped; a dead worker costs one batch.
+    Reads: augment manifest + tars. Writes: RUN/teachers/NAME/ (teacher.toml, features.zarr, manifests/extract/:
+    a row only after its map is fully written). Resume: images with a row are skipped; a dead worker costs one
+    batch. Another --teacher never touches the first; the same name with another --stride is refused.
     """
     with reporting():
         from spar_pipeline import extract as stage
@@ -109,29 +115,46 @@ def extract(
         ids = gpu_ids(gpus)
         scheduler_ok(scheduler)
         r = open_run(run, recipe, storage_options)
-        report = stage.run(r, gpus=ids, workers=workers, scheduler=scheduler, window_batch=window_batch, limit=limit)
+        report = stage.run(r, gpus=ids, workers=workers, scheduler=scheduler, window_batch=window_batch, limit=limit,
+                           teacher=teacher, stride=stride)
         console.print(f"extract: {report}")
 
 
 @app.command()
 def train(
+    ctx: typer.Context,
     run: str = RunOpt,
     recipe: Optional[str] = RecipeOpt,
     gpus: Optional[str] = typer.Option(None, help="Comma-separated GPU ids: one DDP process per GPU (NCCL; "
                                        "default: every GPU of this machine)."),
     processes: Optional[int] = Count(None, help="CPU data-parallel processes instead (gloo; default 1 "
                                             "on a machine without GPUs)."),
-    epochs: Optional[int] = EpochsOpt,
+    student: str = typer.Option("default", "--student", help="Student name: its settings are frozen in "
+                                "RUN/students/NAME/student.toml on its first train; the same name resumes."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="The teacher whose maps it learns (default: "
+                                          "default)."),
+    epochs: Optional[int] = Count(None, help="Override the recipe's epochs (a student may grow it to train further)."),
     trainable: Optional[str] = typer.Option(None, help="Parameters to train, e.g. blk_-1,blk_-2 (recipe default)."),
+    seed: Optional[int] = Count(None, "--seed", minimum=0, help="Seed of its epoch order (recipe default)."),
+    images: Optional[int] = Count(None, help="Train on N images of the run's training split (a seeded subset, the "
+                                  "same for every student, nested in a larger N; default all)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate (recipe default)."),
+    images_per_step: Optional[int] = Count(None, help="Images per optimizer step (recipe default)."),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from the newest intact checkpoint "
-                                "(default), or clear the run's checkpoints and train manifest first."),
+                                "(default), or start the student over: its checkpoints, train manifest and "
+                                "student.toml cleared first."),
     storage_options: Optional[str] = StorageOpt,
+    launcher: Launcher = typer.Option(Launcher.spawn, help="spawn: this command starts the processes; torchrun: "
+                                      "print and run `torchrun --standalone --nnodes 1 --nproc-per-node N -m "
+                                      "spar_pipeline.train ...` (one machine of a multi-node job: docs/multinode.md)."),
 ) -> None:
     """Distil the student: single pass on each augmented image, MSE against its stored teacher map.
 
-    Reads: augment + extract manifests, the tars, RUN/features.zarr. Writes: RUN/checkpoints/ (step and
-    epoch checkpoints, best.safetensors, best_open_clip.safetensors) and RUN/manifests/train/ (a row per
-    epoch with val_mse). Resume: rerun (or --resume) continues from the newest intact checkpoint.
+    Reads: the augment manifest, the tars, RUN/teachers/TEACHER/ (store and extract manifest). Writes:
+    RUN/students/NAME/ (student.toml; checkpoints/: step and epoch checkpoints, best.safetensors,
+    best_open_clip.safetensors; manifests/train/: a row per epoch with val_mse). Resume: rerun continues from
+    the newest intact checkpoint; the same --student with other settings is refused naming them (--epochs
+    may grow).
     """
     with reporting():
         from spar_pipeline import train as stage
@@ -141,8 +164,15 @@ def train(
         if trainable is not None and not trainable.strip():
             raise OptionError("--trainable '': expected parameters to train, e.g. --trainable blk_-1,blk_-2")
         r = open_run(run, recipe, storage_options)
-        rep = stage.run(r, gpus=ids, epochs=epochs, trainable=trainable, resume=resume, processes=processes)
-        typer.echo(stage.summary_line(rep, r.url_for("checkpoints", "best.safetensors")))
+        if launcher is Launcher.torchrun:
+            return run_torchrun(ctx, *stage.processes_here(r, ids, processes, images_per_step))
+        if lr is not None and not lr > 0:
+            raise OptionError(f"--lr {lr}: must be > 0")
+        rep = stage.run(r, gpus=ids, epochs=epochs, trainable=trainable, resume=resume, processes=processes,
+                        student=student, teacher=teacher, seed=seed, images=images, lr=lr,
+                        images_per_step=images_per_step)
+        if rank_zero():  # under torchrun every process returns; one line is printed
+            typer.echo(stage.summary_line(rep, r.student(student).url_for("checkpoints", "best.safetensors")))
 
 
 @app.command()
@@ -263,6 +293,24 @@ def report(
         for line in out["notes"]:
             typer.echo(f"note: {line}")
         typer.echo(f"report: {out['index']}")
+
+
+@app.command()
+def migrate(
+    run: str = RunOpt,
+    storage_options: Optional[str] = StorageOpt,
+) -> None:
+    """Move a run of the older layout (RUN/features.zarr, RUN/checkpoints/ at its top) into teachers/default
+    and students/default, writing their teacher.toml and student.toml.
+
+    Reads: run.toml, the train manifest and the newest checkpoint. Writes: RUN/teachers/default/,
+    RUN/students/default/. Resume: what is already moved stays; a run of the current layout is left as it is.
+    """
+    with reporting():
+        from spar_pipeline.migrate import migrate as move
+
+        for line in move(open_run(run, None, storage_options)):
+            typer.echo(f"migrate: {line}")
 
 
 @app.command()
