@@ -11,7 +11,7 @@ map with MSE over all elements. AdamW over the trainable parameters, constant LR
 micro-step and ``[train].images_per_step`` images per optimizer step (gradients accumulate, so 1,
 2 or 4 processes take the same steps); fp16 (grad scaler) or bf16 autocast on GPU.
 ``gpus=[0, 1]`` (or ``processes=2`` on CPU, gloo) runs DDP, one process per device
-(distributed.py). Under ``torchrun`` (``torchrun ... -m spar_pipeline.train --run URL``, one or
+(distributed.py). Under ``torchrun`` (``torchrun ... -m spar_pipeline.train -- --run URL``, one or
 many machines) each process is one rank of torchrun's group instead (docs/multinode.md).
 
 Resume goes through ``Trainer.state_dict`` and the checkpointer (interval, retention, atomic

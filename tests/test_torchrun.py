@@ -181,7 +181,8 @@ def test_torchrun_one_node_two_processes_equals_spawn(spawned, prepared, tmp_pat
                          timeout=TIMEOUT)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     (shown,) = re.findall(r"(?m)^train: CUDA_VISIBLE_DEVICES= (\S*torchrun .*)$", out.stdout)
-    assert shown == f"{BIN / 'torchrun'} --standalone --nnodes 1 --nproc-per-node 2 -m spar_pipeline.train -- --run {run}"
+    launch = "--standalone --nnodes 1 --nproc-per-node 2 -m spar_pipeline.train -- --run"
+    assert shown == f"{BIN / 'torchrun'} {launch} {run}"
     (line,) = _summary_lines(out.stdout)
     assert "2 process(es), 2 image(s) per step" in line
     assert [r["epoch"] for r in _rows(run)] == list(range(EPOCHS))

@@ -1,7 +1,7 @@
 """``spar-pipeline train --launcher torchrun``: the same training, started by torchrun on this machine.
 
 The command it prints is the one-machine case of what a cluster runs on every node
-(``torchrun --nnodes N --nproc-per-node G -m spar_pipeline.train --run URL ...``, docs/multinode.md):
+(``torchrun --nnodes N --nproc-per-node G -m spar_pipeline.train -- --run URL ...``, docs/multinode.md):
 the train command's own options are handed on as given, less the ones that choose processes here.
 """
 
