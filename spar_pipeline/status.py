@@ -45,7 +45,7 @@ def stage_status(run: Run) -> list[dict[str, Any]]:
     for label, stage, previous, t in chain:
         done, rejected = _count(t, "ok"), _count(t, "rejected")
         planned = _count(tables[previous], "ok") if previous else t.num_rows
-        last = [s for s in summary if s["stage"] == stage]
+        last = [s for s in summary if s["stage"] == label]
         out.append(
             dict(
                 stage=label,
@@ -63,8 +63,9 @@ def stage_status(run: Run) -> list[dict[str, Any]]:
         train, epochs = read_manifest(student, "train"), (student.settings or {}).get("epochs", run.recipe.train.epochs)
         if not train.num_rows:
             continue
-        last = [s for s in summary if s["stage"] == "train"]  # planned/done in epochs; throughput in steps/s
-        out.append(dict(stage="train" if name == "default" else f"train {name}", planned=epochs, done=train.num_rows,
+        label = "train" if name == "default" else f"train {name}"
+        last = [s for s in summary if s["stage"] == label]  # planned/done in epochs; throughput in steps/s
+        out.append(dict(stage=label, planned=epochs, done=train.num_rows,
                         rejected=0, pending=max(epochs - train.num_rows, 0), bytes=0,
                         items_per_second=last[-1]["items_per_second"] if last else None, windows_per_second=None))
     evaluated = read_manifest(run, "evaluate")

@@ -184,7 +184,8 @@ class Trainer:
                             return self.report(stopped=True)  # as a crash would: no further checkpoint
                 self.end_epoch(epoch)
         if self.rank == 0:  # images of all processes, for status's throughput
-            manifest.record_invocation(self.run, "train", started, self.clock.steps * self.cfg.images_per_step)
+            label = "train" if self.folder.name == "default" else f"train {self.folder.name}"  # status's row
+            manifest.record_invocation(self.run, label, started, self.clock.steps * self.cfg.images_per_step)
         return self.report()
 
     def batches(self, epoch: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
