@@ -296,7 +296,8 @@ def run(run: Run, *, gpus: list[int] | None = None, workers: int | None = None, 
     seconds = time.perf_counter() - t0
     finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
     manifest.write_part(run, "summary", [dict(
-        stage="extract" if teacher == "default" else f"extract {teacher}", started=started, finished=finished, done=totals["done"], rejected=totals["rejected"],
+        stage="extract" if teacher == "default" else f"extract {teacher}", started=started, finished=finished,
+        done=totals["done"], rejected=totals["rejected"],
         seconds=seconds, items_per_second=(totals["done"] + totals["rejected"]) / seconds,
         windows_per_second=totals["windows"] / seconds, workers=json.dumps(per_worker))])
     manifest.compact(folder, "extract")

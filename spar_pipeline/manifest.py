@@ -3,9 +3,9 @@
 Each unit of work appends one part file, written whole-or-nothing, under
 ``FOLDER/manifests/<stage>/``, where FOLDER is the manifest's owner (a ``run.Folder``): the run for
 ingest, augment, evaluate and summary, a teacher (``run.teacher(name)``) for extract, a student
-(``run.student(name)``) for train; every function here takes that folder first. Readers merge all parts in name order (names start with a
-nanosecond timestamp) and keep the latest row per key, so a redo or a repair is just a
-newer row. Schemas live in ``manifests/<stage>.json`` with a version; a part with another
+(``run.student(name)``) for train; every function here takes that folder first. Readers merge
+all parts in name order (names start with a nanosecond timestamp) and keep the latest row per key,
+so a redo or a repair is just a newer row. Schemas live in ``manifests/<stage>.json`` with a version; a part with another
 version or other columns is refused, a torn part is quarantined and never counts as done.
 """
 

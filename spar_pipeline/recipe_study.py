@@ -85,7 +85,8 @@ def _seeds(keys: dict[str, Any], where: str, source: str) -> tuple[list[int | No
     listed = [seed] if seeds is None else seeds
     ok = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0  # noqa: E731
     if not isinstance(listed, list) or not listed or not all(v is None or ok(v) for v in listed):
-        key, got, what = ("seed", seed, "an integer") if seeds is None else ("seeds", seeds, "a non-empty list of integers")
+        key, got, what = (("seed", seed, "an integer") if seeds is None else
+                          ("seeds", seeds, "a non-empty list of integers"))
         raise RecipeError(f"{source} {where}.{key}={got!r}: must be {what} ≥ 0")
     if len(set(listed)) != len(listed):
         raise RecipeError(f"{source} {where}.seeds={seeds!r}: a seed is listed twice")

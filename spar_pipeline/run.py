@@ -199,8 +199,9 @@ class Run(Folder):
             return
         old = self.legacy()
         if old:
-            raise RunError(f"{redact(self.url)}: a run of the older layout ({', '.join(old)} at its top, before named "
-                           f"teachers and students); move it once with `spar-pipeline migrate --run {redact(self.url)}`")
+            raise RunError(f"{redact(self.url)}: a run of the older layout ({', '.join(old)} at its top, before "
+                           "named teachers and students); move it once with "
+                           f"`spar-pipeline migrate --run {redact(self.url)}`")
         self._layout_checked = True
 
     # ---- recipe -------------------------------------------------------------------------

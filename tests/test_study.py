@@ -100,8 +100,8 @@ def test_two_teachers_and_three_students_on_one_run_without_reextraction(prepare
     assert (t0["stride"], t1["stride"]) == (24, 16) and t0["window"] == t1["window"] == 64
     assert (t0["fingerprint"]["stride"], t1["fingerprint"]["stride"]) == (24, 16)
     assert t0["fingerprint"]["digest"] != t1["fingerprint"]["digest"]
-    ids = lambda name: sorted(manifest.read_manifest(run.teacher(name), "extract")["image_id"].to_pylist())  # noqa: E731
-    assert ids("default") == ids("s16") and len(ids("s16")) == IMAGES
+    ids = [sorted(manifest.read_manifest(run.teacher(t), "extract")["image_id"].to_pylist()) for t in run.teachers()]
+    assert ids[0] == ids[1] and len(ids[1]) == IMAGES
     settings = {name: run.student(name).settings for name in run.students()}
     assert {n: s["teacher"] for n, s in settings.items()} == {"blk1": "default", "default": "default",
                                                               "on-s16": "s16"}

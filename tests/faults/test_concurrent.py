@@ -53,9 +53,9 @@ def test_two_extracts_at_once(tmp_path, source, extracted):
     augment.run(run)
     planned = list(_rows(run, "augment"))
     _both(["extract", "--run", run.url, "--workers", "1"], tmp_path, "extract", slow=0.3)
-    done_once(run, "extract", planned)
+    done_once(run.teacher(), "extract", planned)
     rows = assert_maps_intact(run)  # the map in the store is the one its latest row describes
-    assert_no_conflicts(run, "extract", ("grid_h", "grid_w", "dim", "status"))
+    assert_no_conflicts(run.teacher(), "extract", ("grid_h", "grid_w", "dim", "status"))
     mine, clean = FeatureStore.open(run.teacher().store_url), FeatureStore.open(f"{extracted}/features.zarr")
     for r in rows:  # the same teacher maps as a clean run of the fault recipe (1 image per task)
         np.testing.assert_allclose(mine.read(r["image_id"]).astype(np.float32),

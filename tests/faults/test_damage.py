@@ -43,12 +43,12 @@ def test_damaged_maps_and_torn_part_are_redone(tmp_path, extracted, caplog):
     torn_ids = set(pq.read_table(part).column("image_id").to_pylist())
     part.write_bytes(part.read_bytes()[:40])
     assert verify(run, repair=True)["repaired"]
-    assert (Path(run.path("manifests", "extract", "quarantine")) / part.name).exists()
+    assert (Path(run.teacher().path("manifests", "extract", "quarantine")) / part.name).exists()
     redo = {r["image_id"] for r in manifest.read_manifest(run.teacher(), "extract").to_pylist() if r["status"] == "redo"}
     assert redo == {gone, no_chunk, bad_meta} - torn_ids
     report = extract.run(run, workers=1, progress=False)
     assert report["done"] == len(redo | torn_ids)
-    done_once(run, "extract", planned)
+    done_once(run.teacher(), "extract", planned)
     assert_maps_intact(run)
     assert verify(run)["extract"]["damaged"] == 0
 

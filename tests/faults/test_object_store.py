@@ -65,7 +65,7 @@ def test_flaky_store_every_stage_retries_and_finishes(s3_server, s3_bucket, sour
     direct = Run(f"{s3_bucket}/run")  # read back without the proxy
     _same_as_clean(direct, clean, "ingest", ("source",))
     _same_as_clean(direct, clean, "augment", ())
-    rows = done_once(direct, "extract", manifest.read_manifest(clean, "augment")["image_id"].to_pylist())
+    rows = done_once(direct.teacher(), "extract", manifest.read_manifest(clean, "augment")["image_id"].to_pylist())
     assert_maps_intact(direct)
     mine, ref = FeatureStore.open(direct.teacher().store_url), FeatureStore.open(clean.teacher().store_url)
     for image_id in rows:

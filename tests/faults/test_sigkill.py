@@ -122,7 +122,7 @@ def test_extract_client_and_workers_killed(tmp_path, augmented, extracted):
         rows = assert_maps_intact(run)
         partial.append(len(rows))
         _maps_match(run, clean)
-        assert_no_conflicts(run, "extract", ("grid_h", "grid_w", "dim", "status"))
+        assert_no_conflicts(run.teacher(), "extract", ("grid_h", "grid_w", "dim", "status"))
     assert 0 < partial[-1] <= IMAGES - 4, partial
     log = tmp_path / "extract-rerun.log"
     proc = start(["extract", "--run", run.url, "--workers", "2"], slow=0.3, log=log)
@@ -137,7 +137,7 @@ def test_extract_client_and_workers_killed(tmp_path, augmented, extracted):
             killed.append(workers[0].pid)
     assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
     assert killed, "no worker was killed"
-    done_once(run, "extract", planned)
+    done_once(run.teacher(), "extract", planned)
     assert_maps_intact(run)
     _maps_match(run, clean)
 
@@ -176,5 +176,5 @@ def test_train_killed_five_times_resumes_from_last_checkpoint(tmp_path, extracte
     assert report["step"] == EPOCHS * report["train_images"]
     rows = sorted(manifest.read_manifest(run.student(), "train").to_pylist(), key=lambda r: r["epoch"])
     assert [(r["epoch"], r["step"]) for r in rows] == [(e, (e + 1) * report["train_images"]) for e in range(EPOCHS)]
-    assert_no_conflicts(run, "train", ("step",))
+    assert_no_conflicts(run.student(), "train", ("step",))
     Checkpointer(run.student(), dict, every=EVERY).load(report["step"])
