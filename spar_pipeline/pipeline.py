@@ -1,11 +1,14 @@
-"""``spar-pipeline run``: every stage in order, each resuming, then a short report.
+"""``spar-pipeline run``: every stage in order, each resuming, then the summary and the study report.
 
 Over one run's images it extracts every teacher once (the recipe's ``[extract]``, teacher
 ``default``, and each ``[[teachers]]`` table) and trains every student (each ``[[students]]``
 table, seeds expanded; without any, the one student ``default``), each resuming from its own
 checkpoints; with benchmarks it evaluates pretrained (single and sliding), the default student
 (labelled ``best``, single and sliding) and every other student (single pass, what the ablations
-compare; ``evaluate --checkpoint NAME --mode sliding`` adds the rest).
+compare; ``evaluate --checkpoint NAME --mode sliding`` adds the rest); at each ``[evaluate] scales``
+factor besides 1 (Fig. 3) pretrained single pass, sliding at ``scale_strides`` and the default
+student's single pass. It ends with RUN/reports/summary.md and the study report (``study.write_report``:
+RUN/reports/index.html, tables, figures).
 
 With no SOURCE on a tiny or mini recipe it generates its own SA-1B-layout tars, and the mini
 recipe its own benchmark (``mini.demo``), so the main job runs anywhere with no download.
@@ -46,6 +49,7 @@ def run_all(
     from spar_pipeline import augment, extract, ingest, train
     from spar_pipeline.mini import demo
     from spar_pipeline.report import held_out_look, write_summary
+    from spar_pipeline.study import write_report
 
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
@@ -88,19 +92,34 @@ def run_all(
     if datasets:
         from spar_pipeline import evaluate, weights
 
+        # [evaluate] scales besides 1.0 (Fig. 3): pretrained single pass, sliding at scale_strides only and the
+        # default student's single pass, what the figure compares: a sliding pass per scale is the costly part
+        more = tuple(f for f in run.recipe.evaluate.scales if f != 1.0)
+        scale_strides = run.recipe.evaluate.scale_strides
+
         def evaluate_all() -> list[dict]:
             rows = evaluate.run(run, datasets, checkpoints=["pretrained"], modes=("single", "sliding"))
+            if more:
+                rows += evaluate.run(run, datasets, checkpoints=["pretrained"], scales=more)
+                if scale_strides:
+                    rows += evaluate.run(run, datasets, checkpoints=["pretrained"], modes=("sliding",),
+                                         strides=scale_strides, scales=more)
             for name, report in trained.items():  # a student trained further in this call has new weights: redo
                 if not run.fs.exists(run.student(name).best_weights):  # stopped before its first epoch
                     continue
-                rows += evaluate.run(run, datasets, checkpoints=["best" if name == DEFAULT else name],
-                                     modes=("single", "sliding") if name == DEFAULT else ("single",),
-                                     redo=bool(report.get("steps_this_run")))
+                label, redo = "best" if name == DEFAULT else name, bool(report.get("steps_this_run"))
+                rows += evaluate.run(run, datasets, checkpoints=[label],
+                                     modes=("single", "sliding") if name == DEFAULT else ("single",), redo=redo)
+                if more and name == DEFAULT:
+                    rows += evaluate.run(run, datasets, checkpoints=[label], scales=more, redo=redo)
             return rows
 
         reports["evaluate"] = timed("evaluate", evaluate_all)
     reports["look"] = timed("held-out look", held_out_look, run, classes=demo.overlay_classes(run))
     reports["seconds"] = time.perf_counter() - t0
     reports["timings"] = timings
-    reports["summary"] = write_summary(run, reports)
+    reports["summary"] = write_summary(run, reports)  # first, so that the study page links it
+    reports["report"] = timed("report", write_report, run, datasets=datasets)
+    reports["seconds"] = time.perf_counter() - t0
+    reports["summary"] = write_summary(run, reports)  # again, with the report's time and page
     return reports

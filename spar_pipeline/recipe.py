@@ -80,6 +80,10 @@ def _ratio_range(v: Any) -> str | None:
     return None if len(v) == 2 and 0 < v[0] <= v[1] else "must be [low, high] with 0 < low ≤ high"
 
 
+def _scales(v: Any) -> str | None:
+    return None if len(v) >= 1 and all(x > 0 for x in v) else "must be a non-empty list of numbers > 0"
+
+
 def _choice(*allowed: str):
     def check(v: Any) -> str | None:
         return None if v in allowed else f"must be one of {', '.join(allowed)}"
@@ -172,6 +176,12 @@ class EvaluateConfig:
     # (height, width) of the image forward_seconds is timed on (docs/reference.md, "Inference timing");
     # the default is the paper's 1024×2048, what runs frozen before this key existed were timed at
     timing_size: tuple[int, int] = field(default=(1024, 2048), metadata=_check(_pair_positive))
+    # factors of the evaluation size `run` evaluates at (Fig. 3's resolution axis; 1.0 always is): pretrained
+    # and the default student's single pass at each, and sliding at each of scale_strides (a sliding pass
+    # per scale each: the costly part; none by default)
+    scales: tuple[float, ...] = field(default=(1.0,), metadata=_check(_scales))
+    scale_strides: tuple[int, ...] = field(default=(), metadata=_check(lambda v: None if all(x >= 1 for x in v)
+                                                                          else "must be strides ≥ 1"))
 
 
 @dataclass(frozen=True)

@@ -119,7 +119,10 @@ def _counts(table) -> tuple[int, int]:
 
 def write_summary(run: Run, reports: dict[str, Any]) -> str:
     lines = [f"# spar-pipeline run summary", "", f"- run: `{run.url}`", f"- recipe: `{run.recipe.name}` "
-             f"(fingerprint {run.recipe.fingerprint}), backbone `{run.recipe.recipe.backbone}`", ""]
+             f"(fingerprint {run.recipe.fingerprint}), backbone `{run.recipe.recipe.backbone}`"]
+    if reports.get("report"):  # `run` writes the study page after this summary, which it links
+        lines.append(f"- study report (tables, figures): `{reports['report']['index']}`")
+    lines.append("")
     lines += ["| stage | ok | rejected |", "|---|---|---|"]
     for stage in ("ingest", "augment", "extract"):
         ok, rej = _counts(manifest.read_manifest(run.teacher() if stage == "extract" else run, stage))
@@ -156,7 +159,8 @@ def write_summary(run: Run, reports: dict[str, Any]) -> str:
                   "@H×W (paper's protocol) | predict s/image (end to end) |", "|---|---|---|---|---|---|"]
         names = {"pretrained": "pretrained", "best": "SPAR student (best)"}
         for e in evaluated:
-            mode = e["mode"] + (f" s={e['stride']}" if e["stride"] else "")
+            scale = float(e.get("scale", 1.0))
+            mode = e["mode"] + (f" s={e['stride']}" if e["stride"] else "") + ("" if scale == 1.0 else f" ×{scale:g}")
             lines.append(f"| {names.get(e['model'], e['model'])} | {mode} | {e['dataset']} | {e['miou']:.2f} | "
                          f"{e['forward_seconds']:.4f} @{e['forward_height']}×{e['forward_width']} | "
                          f"{e['predict_seconds']:.4f} |")
