@@ -1,0 +1,89 @@
+"""`make demo`'s main job: the mini recipe end to end reproduces the paper's claim in small."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from _cli import cli  # tests/ is on sys.path (tests/conftest.py)
+
+from spar_pipeline import manifest
+from spar_pipeline.run import Run
+
+
+def test_mini_demo_spar_beats_single_pass_and_is_faster_than_sliding(tmp_path):
+    run = str(tmp_path / "demo")
+    out = cli("run", "--run", run, "--recipe", "mini")
+    every = manifest.read_manifest(Run(run), "evaluate").to_pylist()
+    rows = {(r["model"], r["mode"], r["stride"]): r for r in every if r["scale"] == 1.0}
+    teacher_stride = Run(run).recipe.extract.stride
+    scales = Run(run).recipe.evaluate.scales
+    assert len(scales) == 3  # Fig. 3's axis: pretrained and the student single pass at each, sliding at scale_strides
+    for model in ("pretrained", "best"):
+        assert {r["scale"] for r in every if r["model"] == model and r["mode"] == "single"} == set(scales)
+    for stride in Run(run).recipe.evaluate.scale_strides:
+        assert {r["scale"] for r in every if r["mode"] == "sliding" and r["stride"] == stride} == set(scales)
+    single, sliding = rows[("pretrained", "single", 0)], rows[("pretrained", "sliding", teacher_stride)]
+    spar = rows[("best", "single", 0)]
+    assert all(r["dataset"] == "scenes" and r["images"] > 0 for r in rows.values())
+    assert sliding["miou"] > single["miou"]  # the world is resolution-sensitive: sliding helps
+    assert spar["miou"] > single["miou"] + 1.0  # SPAR recovers most of it in one pass
+    assert spar["forward_seconds"] < sliding["forward_seconds"]
+    summary = (Path(run) / "reports" / "summary.md").read_text()
+    assert "Open-vocabulary segmentation" in summary and "SPAR student (best)" in summary
+    assert "×; float16, codec none)" in summary  # the store line names its format
+    assert out.stdout.strip().startswith("# spar-pipeline run summary")
+    index = Path(run) / "reports" / "index.html"  # the study report, named by the summary
+    assert f"`{index}`" in summary and index.is_file()
+    assert (Path(run) / "reports" / "figures" / "fig3_scale.png").is_file()
+    assert "summary.md" in index.read_text()  # the page links the summary, written before it
+
+    parts = lambda: len(list((Path(run) / "manifests" / "evaluate").glob("*.parquet")))  # noqa: E731
+    before = parts()
+    cli("run", "--run", run)  # nothing left: no stage, evaluation included, redoes anything
+    assert parts() == before
+    cli("run", "--run", run, "--epochs", str(Run(run).recipe.train.epochs + 1))  # a further epoch: new student
+    assert parts() > before
+    key = lambda r: (r["model"], r["mode"], r["stride"], r["scale"])  # noqa: E731
+    again = [key(r) for r in manifest.read_manifest(Run(run), "evaluate").to_pylist()]
+    assert sorted(again) == sorted(key(r) for r in every)  # one row per key: the student's rows replaced, not added
+
+
+def test_mini_paper_recipe_expands_into_the_papers_studies(tmp_path):
+    """stages/mini-paper.toml, loaded (no training): Table 2's eight trainable sets, Table 3's nested sizes,
+    three seeds of the default, an s = K/4 teacher beside the default, and Fig. 1/3's strides and scales."""
+    from spar_pipeline.backbones import build
+    from spar_pipeline.recipe import load_recipe
+
+    recipe = load_recipe("mini-paper")
+    assert recipe.recipe.backbone == "mini-clip"
+    window = recipe.extract.window
+    assert [(t.name, t.extract) for t in recipe.teachers] == [("s16", {"stride": window // 4})]
+    students = {s.name: s for s in recipe.students}
+    assert len(students) == 14
+    default = students["default"]
+    assert (default.teacher, default.images, default.seed, default.train) == ("default", None, None, {})
+
+    def only(s, **what) -> bool:  # s differs from the default student in exactly these settings
+        got = {"teacher": s.teacher, "images": s.images, "seed": s.seed, **s.train}
+        base = {"teacher": "default", "images": None, "seed": None}
+        return {k: v for k, v in got.items() if base.get(k, object()) != v} == what
+
+    seeds = sorted(s.seed for s in students.values() if only(s, seed=s.seed))
+    assert seeds == [1, 2] and recipe.recipe.seed == 0  # with the default's (the recipe's seed 0): three
+    assert sorted(s.images for s in students.values() if only(s, images=s.images)) == [8, 16, 32]
+    assert [n for n, s in students.items() if only(s, teacher="s16")] == ["teacher-s16"]
+    specs = [recipe.train.trainable] + [s.train["trainable"] for s in students.values()
+                                        if only(s, trainable=s.train.get("trainable"))]
+    assert len(specs) == 8 == len(set(specs))
+    model = build("mini-clip")
+    unfrozen = set()
+    for spec in specs:  # each set unfreezes something on mini-clip, and a different set of parameters
+        assert model.set_trainable(spec) > 0, spec
+        unfrozen.add(frozenset(n for n, p in model.named_parameters() if p.requires_grad))
+    assert len(unfrozen) == 8
+    assert len(recipe.evaluate.scales) >= 3 and 1.0 in recipe.evaluate.scales  # Fig. 3
+    assert len(recipe.evaluate.strides) >= 3 and recipe.extract.stride in recipe.evaluate.strides  # Fig. 1
+    run = Run(str(tmp_path / "study"))
+    frozen = run.resolve_recipe("mini-paper")  # the run keeps the lists, seeds expanded
+    assert [s.name for s in Run(str(tmp_path / "study")).recipe.students] == list(students) == [
+        s.name for s in frozen.students]
