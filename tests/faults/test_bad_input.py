@@ -52,7 +52,7 @@ RUN_KINDS: dict[str, str] = {
     "manifest_other_columns": "do not match the ingest v1 schema",
     "store_other_fingerprint": "holds maps of another teacher",
     "checkpoint_other_backbone": "does not fit backbone tiny-siglip",
-    "teacher_inf": "overflows float16",  # NaN: tests/test_extract.py::test_nan_maps_are_rejected_and_run_goes_on
+    "teacher_inf": "overflows float16",  # NaN: tests/unit/test_extract.py::test_nan_maps_are_rejected_and_run_goes_on
 }
 SIZE = (48, 32)
 

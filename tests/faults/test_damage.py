@@ -1,7 +1,7 @@
 """Damage found after the fact: detected, reported one line each, redone by the next run.
 
-Beyond tests/test_cli.py (a zeroed chunk), tests/test_manifest.py (a torn part alone) and
-tests/test_train.py (a flipped checkpoint byte at resume): a deleted map, a deleted chunk,
+Beyond tests/e2e/test_cli.py (a zeroed chunk), tests/unit/test_manifest.py (a torn part alone) and
+tests/unit/test_train.py (a flipped checkpoint byte at resume): a deleted map, a deleted chunk,
 damaged map metadata and a torn extract part in one run, all redone by one extract; and
 ``verify`` on checkpoints (a torn tensor file, a deleted one, a torn JSON marker).
 """

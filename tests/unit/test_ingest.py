@@ -251,7 +251,7 @@ def test_killed_ingest_rerun_matches_an_uninterrupted_one(tmp_path):
     clean = _run(tmp_path / "clean")
     ingest.run(clean, [str(tmp_path / "src")])
     killed = _run(tmp_path / "killed")
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     log = tmp_path / "child.log"
     with open(log, "wb") as err:
         proc = subprocess.Popen([sys.executable, "-c", _CHILD, killed.url, str(tmp_path / "src")], env=env, stderr=err)

@@ -1,15 +1,11 @@
-"""DINOv3: the official facebookresearch/dinov3 backbone file loads into the transformers model.
-
-The official layout is written here from the upstream module names (fused ``attn.qkv`` with a
-``bias_mask``, ``ls1.gamma``, ``mlp.fc1``, ``storage_tokens``, ``[1, D]`` mask token, RoPE
-``periods``), independently of the loader's mapping table, and must give the same features.
-"""
+"""The official facebookresearch/dinov3 checkpoint layout, written here from the upstream module names (fused
+``attn.qkv`` with a ``bias_mask``, ``ls1.gamma``, ``mlp.fc1``, ``storage_tokens``, ``[1, D]`` mask token, RoPE
+``periods``) independently of the loader's mapping table and the exporter: shared by the backbone and export tests."""
 
 from __future__ import annotations
 
 import torch
 
-from spar_pipeline.backbones import _load_into, load_state
 from spar_pipeline.backbones.dinov3 import Dinov3Backbone, build_dinov3_model
 
 CFG = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -17,7 +13,8 @@ CFG = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num
        "rope_theta": 100.0, "pos_embed_rescale": 2.0, "layer_norm_eps": 1e-5}
 
 
-def _backbone(seed: int) -> Dinov3Backbone:
+def tiny_dinov3(seed: int) -> Dinov3Backbone:
+    """A two-layer DINOv3 backbone with every weight drawn from ``seed``."""
     torch.manual_seed(seed)
     model = build_dinov3_model(CFG)
     for p in model.parameters():  # layer scales start at 1e-5: make every weight matter
@@ -25,7 +22,8 @@ def _backbone(seed: int) -> Dinov3Backbone:
     return Dinov3Backbone("tiny-dinov3", model, 64, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225], 16, 64).eval()
 
 
-def _official(b: Dinov3Backbone) -> dict[str, torch.Tensor]:
+def official_state(b: Dinov3Backbone) -> dict[str, torch.Tensor]:
+    """``b``'s weights under the official facebookresearch/dinov3 names, written from upstream, not the loader."""
     m, D = b.model, CFG["hidden_size"]
     out = {"cls_token": m.embeddings.cls_token.detach().clone(),
            "mask_token": m.embeddings.mask_token.detach().reshape(1, D).clone(),
@@ -51,16 +49,3 @@ def _official(b: Dinov3Backbone) -> dict[str, torch.Tensor]:
         out[f"blocks.{i}.mlp.fc2.weight"] = layer.mlp.down_proj.weight.detach().clone()
         out[f"blocks.{i}.mlp.fc2.bias"] = layer.mlp.down_proj.bias.detach().clone()
     return out
-
-
-def test_official_checkpoint_loads_and_gives_the_same_features(tmp_path):
-    source, target = _backbone(0), _backbone(1)
-    x = torch.randn(1, 3, 64, 96)
-    with torch.no_grad():
-        want, before = source.dense(x), target.dense(x)
-    assert not torch.allclose(want, before, atol=1e-3)
-    path = tmp_path / "dinov3_vitl16_pretrain_lvd1689m-tiny.pth"
-    torch.save(_official(source), path)  # a plain tensor dict, as upstream ships (loaded weights_only)
-    _load_into(target, load_state(str(path)), str(path))
-    with torch.no_grad():
-        torch.testing.assert_close(target.dense(x), want, atol=1e-5, rtol=1e-5)

@@ -53,7 +53,7 @@ ALL = [_param(n) for n in list_backbones()]
 
 
 def test_registry():
-    assert set(list_backbones()) == set(TINY) | set(REAL) | {"mini-clip"}  # mini-clip: tests/test_mini_world.py
+    assert set(list_backbones()) == set(TINY) | set(REAL) | {"mini-clip"}  # mini-clip: tests/unit/test_mini_world.py
     with pytest.raises(ValueError, match="available: .*tiny-siglip"):
         build("no-such-backbone")
 

@@ -23,8 +23,9 @@ from spar_pipeline.backbones import build
 from spar_pipeline.errors import SparError
 from spar_pipeline.run import Run
 
-REPO = Path(__file__).resolve().parent.parent
-EXE = str(Path(sys.executable).with_name("spar-pipeline"))
+from _cli import EXE  # tests/ is on sys.path (tests/conftest.py)
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _trained_run(workdir: Path) -> Run:
@@ -199,13 +200,13 @@ def test_push_without_network_fails_in_one_line_and_the_folder_stays(exported, t
 
 def test_dinov3_students_export_in_the_official_layout(tmp_path):
     """The exporter's official keys equal the independently written upstream layout, and load back."""
-    from test_dinov3_official import _backbone, _official  # tests/ is on sys.path
+    from _dinov3_layout import official_state, tiny_dinov3  # tests/ is on sys.path (tests/conftest.py)
 
     from spar_pipeline.backbones import _load_into, load_state
 
-    source, target = _backbone(0), _backbone(1)
+    source, target = tiny_dinov3(0), tiny_dinov3(1)
     state = export.official_dinov3_state(source)
-    upstream = _official(source)
+    upstream = official_state(source)
     assert set(state) == set(upstream)
     for k, v in upstream.items():
         assert state[k].shape == v.shape, k

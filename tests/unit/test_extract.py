@@ -13,60 +13,32 @@ import numpy as np
 import pytest
 import torch
 
-from spar_pipeline import augment, augmentation, extract, ingest, manifest
+from spar_pipeline import extract, manifest
 from spar_pipeline.backbones import build
 from spar_pipeline.run import Run
 from spar_pipeline.store import FeatureStore, StoreError
-from spar_pipeline.mini.sa1b_writer import make_sa1b_source
 from spar_pipeline.windows import sliding_features
 
-
-def _prepare(url: str, src: Path, n_tars=2, per_tar=4, recipe="tiny-cpu") -> Run:
-    tars = make_sa1b_source(src, n_tars=n_tars, per_tar=per_tar, seed=1)
-    run = Run(url)
-    run.resolve_recipe(recipe)
-    ingest.run(run, [str(t) for t in tars])
-    augment.run(run)
-    return run
-
-
-def _teacher(run: Run, image_id: int) -> np.ndarray:
-    r = run.recipe
-    b = build(r.recipe.backbone, checkpoint=r.recipe.checkpoint or None).eval()
-    img = augmentation.augmented_image(run, image_id).float() / 255.0
-    x = ((img - torch.tensor(b.mean).view(3, 1, 1)) / torch.tensor(b.std).view(3, 1, 1))[None]
-    with torch.no_grad():
-        return sliding_features(b, x, window=r.extract.window, stride=r.extract.stride).numpy()
-
-
-def _check_done_once(run: Run) -> list[dict]:
-    rows = manifest.read_manifest(run.teacher(), "extract").to_pylist()
-    planned = manifest.read_manifest(run, "augment")["image_id"].to_pylist()
-    assert sorted(r["image_id"] for r in rows) == sorted(planned)
-    store = FeatureStore.open(run.teacher().store_url, storage_options=run.storage_options)
-    for r in rows:
-        assert r["status"] == "ok", r
-        assert store.verify(r["image_id"], (r["grid_h"], r["grid_w"], r["dim"]), r["checksum"]) is None
-    return rows
+from _extracted import check_done_once, prepare, teacher_by_hand  # tests/ is on sys.path (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
 def local_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("extract")
-    run = _prepare(str(tmp / "run"), tmp / "src")
+    run = prepare(str(tmp / "run"), tmp / "src")
     report = extract.run(run, workers=2, progress=False)
     return run, report
 
 
 def test_two_worker_processes_store_the_teacher(local_run):
     run, report = local_run
-    rows = _check_done_once(run)
+    rows = check_done_once(run)
     assert report["done"] == len(rows) == 8 and report["workers"] >= 1
     assert all(r["windows"] >= 1 and r["fingerprint"] for r in rows)
     store = FeatureStore.open(run.teacher().store_url)
     for r in rows[:3]:
         got = store.read(r["image_id"])
-        want = _teacher(run, r["image_id"])
+        want = teacher_by_hand(run, r["image_id"])
         assert got.dtype == np.float16 and got.shape == want.shape
         np.testing.assert_allclose(got.astype(np.float32), want, rtol=2e-3, atol=2e-3)
     summary = manifest.read_manifest(run, "summary").to_pylist()
@@ -87,11 +59,11 @@ def test_other_teacher_refused(local_run, tmp_path):
 
 
 def test_s3_run(s3_bucket, tmp_path):
-    run = _prepare(f"{s3_bucket}/run", tmp_path / "src", n_tars=1, per_tar=3)
+    run = prepare(f"{s3_bucket}/run", tmp_path / "src", n_tars=1, per_tar=3)
     extract.run(run, workers=1, progress=False)
-    rows = _check_done_once(run)
+    rows = check_done_once(run)
     got = FeatureStore.open(run.teacher().store_url).read(rows[0]["image_id"])
-    np.testing.assert_allclose(got.astype(np.float32), _teacher(run, rows[0]["image_id"]), rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(got.astype(np.float32), teacher_by_hand(run, rows[0]["image_id"]), rtol=2e-3, atol=2e-3)
 
 
 def test_nan_maps_are_rejected_and_run_goes_on(tmp_path):
@@ -107,7 +79,7 @@ def test_nan_maps_are_rejected_and_run_goes_on(tmp_path):
 
     recipe = tmp_path / "nan.toml"
     recipe.write_text((stages_dir() / "tiny-cpu.toml").read_text().replace('checkpoint = ""', f'checkpoint = "{ckpt}"'))
-    run = _prepare(str(tmp_path / "run"), tmp_path / "src", n_tars=1, per_tar=2, recipe=str(recipe))
+    run = prepare(str(tmp_path / "run"), tmp_path / "src", n_tars=1, per_tar=2, recipe=str(recipe))
     extract.run(run, workers=1, progress=False)
     rows = manifest.read_manifest(run.teacher(), "extract").to_pylist()
     assert len(rows) == 2 and all(r["status"] == "rejected" and "NaN" in r["reason"] for r in rows)
@@ -128,7 +100,7 @@ def _wait_for_parts(run: Run, n: int, proc: subprocess.Popen, timeout: float = 2
 
 
 def test_sigkill_client_then_rerun_finishes(tmp_path):
-    run = _prepare(str(tmp_path / "run"), tmp_path / "src", n_tars=2, per_tar=6)
+    run = prepare(str(tmp_path / "run"), tmp_path / "src", n_tars=2, per_tar=6)
     proc = subprocess.Popen(_extract_cmd(run), start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     _wait_for_parts(run, 1, proc)
@@ -138,14 +110,14 @@ def test_sigkill_client_then_rerun_finishes(tmp_path):
     assert 0 < partial < 12
     done = subprocess.run(_extract_cmd(run), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
-    rows = _check_done_once(run)
+    rows = check_done_once(run)
     assert len(rows) == 12
 
 
 def test_worker_killed_mid_stage_completes(tmp_path):
     import psutil
 
-    run = _prepare(str(tmp_path / "run"), tmp_path / "src", n_tars=2, per_tar=6)
+    run = prepare(str(tmp_path / "run"), tmp_path / "src", n_tars=2, per_tar=6)
     proc = subprocess.Popen(_extract_cmd(run, workers=2), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     _wait_for_parts(run, 1, proc)
     children = psutil.Process(proc.pid).children(recursive=True)
@@ -154,7 +126,7 @@ def test_worker_killed_mid_stage_completes(tmp_path):
     workers[0].send_signal(signal.SIGKILL)
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err
-    assert len(_check_done_once(run)) == 12
+    assert len(check_done_once(run)) == 12
 
 
 def test_gpu_ids_count_the_devices_this_process_sees(monkeypatch):
@@ -176,13 +148,13 @@ def test_int8_store_recipe_extracts_and_trains(tmp_path):
     text = text.replace("images_per_task = 4", 'images_per_task = 4\nstore_dtype = "int8"\ncodec = "none"')
     recipe = tmp_path / "int8.toml"
     recipe.write_text(text)
-    run = _prepare(str(tmp_path / "run"), tmp_path / "src", n_tars=1, per_tar=4, recipe=str(recipe))
+    run = prepare(str(tmp_path / "run"), tmp_path / "src", n_tars=1, per_tar=4, recipe=str(recipe))
     extract.run(run, workers=1, progress=False)
-    rows = _check_done_once(run)
+    rows = check_done_once(run)
     store = FeatureStore.open(run.teacher().store_url)
     assert store.dtype == "int8" and store.fingerprint["dtype"] == "int8"
     first = rows[0]["image_id"]
-    ref, got = _teacher(run, first).astype(np.float64), store.read(first).astype(np.float64)
+    ref, got = teacher_by_hand(run, first).astype(np.float64), store.read(first).astype(np.float64)
     assert np.mean((ref - got) ** 2) / np.mean(ref ** 2) < 1e-3
     raw = (Path(run.url) / "teachers/default/features.zarr/maps" / str(first) / "c/0/0").stat().st_size
     assert raw < 0.6 * got.size * 2  # about half of float16's bytes

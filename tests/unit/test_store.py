@@ -366,18 +366,18 @@ def test_float32_recipe_extracts_float32_maps(tmp_path):
     from spar_pipeline import extract
     from spar_pipeline.resources import stages_dir
 
-    from test_extract import _check_done_once, _prepare, _teacher
+    from _extracted import check_done_once, prepare, teacher_by_hand
 
     text = (stages_dir() / "tiny-cpu.toml").read_text()
     recipe = tmp_path / "f32.toml"
     recipe.write_text(text.replace("images_per_task = 4", 'images_per_task = 4\nstore_dtype = "float32"'))
-    run = _prepare(str(tmp_path / "run"), tmp_path / "src", n_tars=1, per_tar=2, recipe=str(recipe))
+    run = prepare(str(tmp_path / "run"), tmp_path / "src", n_tars=1, per_tar=2, recipe=str(recipe))
     extract.run(run, workers=1, progress=False)
-    rows = _check_done_once(run)
+    rows = check_done_once(run)
     store = FeatureStore.open(run.teacher().store_url)
     assert store.dtype == "float32" and store.fingerprint["dtype"] == "float32"
     first = rows[0]["image_id"]
-    got, ref = store.read(first), _teacher(run, first)
+    got, ref = store.read(first), teacher_by_hand(run, first)
     assert got.dtype == np.float32
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5)
     assert np.abs(got - ref).max() < np.abs(ref.astype(np.float16).astype(np.float32) - ref).max()

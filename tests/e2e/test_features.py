@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from PIL import Image
 from spar_pipeline import features
 from spar_pipeline.errors import OptionError, SourceError
 
-EXE = str(Path(sys.executable).with_name("spar-pipeline"))
+from _cli import EXE  # tests/ is on sys.path (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from spar_pipeline.datasets import make_synthetic
 from spar_pipeline.run import Run
 from spar_pipeline.mini.sa1b_writer import make_sa1b_source
 
-from test_cli import cli  # tests/ is on sys.path (pytest's prepend import mode)
+from _cli import EXE, cli  # tests/ is on sys.path (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
@@ -135,8 +135,6 @@ def test_run_killed_mid_extract_then_rerun_finishes(tmp_path):
     import signal
     import subprocess
     import time
-
-    from test_cli import EXE
 
     run = tmp_path / "demo"
     proc = subprocess.Popen([EXE, "run", "--run", str(run), "--epochs", "1"], stdout=subprocess.DEVNULL,

@@ -28,7 +28,7 @@ from spar_pipeline.resources import stages_dir
 from spar_pipeline.run import Run
 
 BIN = Path(sys.executable).parent
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 EPOCHS, PER_STEP = 2, 2
 TIMEOUT = 240  # seconds any one torchrun may take here (2 loaded cores); the suite's own limit is 600
 

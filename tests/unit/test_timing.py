@@ -13,7 +13,7 @@ from spar_pipeline import evaluate, timing
 from spar_pipeline.recipe import RecipeError, load_recipe, recipe_from_dict, recipe_to_dict
 from spar_pipeline.run import Run, RunError
 
-from test_evaluate import CountingWindows, OneHot, _Clock, _striped_voc  # tests/ is on sys.path
+from _evaluate_fakes import Clock, CountingWindows, OneHot, striped_voc  # tests/ is on sys.path (tests/conftest.py)
 
 
 def test_presets_time_the_papers_size_or_it_scaled_as_the_window():
@@ -62,13 +62,13 @@ def test_evaluate_rows_and_the_look_time_at_the_recipes_size(tmp_path, monkeypat
     recipe = load_recipe("tiny-cpu")
     recipe = dataclasses.replace(recipe, evaluate=dataclasses.replace(recipe.evaluate, resize=(96, 64),
                                                                        timing_warmup=0, timing_size=(80, 112)))
-    clock = _Clock()
+    clock = Clock()
     model = CountingWindows(clock)
-    rows = evaluate.run(None, {"voc21": str(_striped_voc(tmp_path))}, modes=("single",), backbone=model,
+    rows = evaluate.run(None, {"voc21": str(striped_voc(tmp_path))}, modes=("single",), backbone=model,
                         recipe=recipe)
     assert [(r["forward_height"], r["forward_width"]) for r in rows] == [(80, 112)]
     assert (1, 3, 80, 112) in model.shapes
-    rows = evaluate.run(None, {"voc21": str(_striped_voc(tmp_path))}, modes=("single",), backbone=OneHot(),
+    rows = evaluate.run(None, {"voc21": str(striped_voc(tmp_path))}, modes=("single",), backbone=OneHot(),
                         recipe=recipe, timing_size=(48, 64))  # an explicit size still wins
     assert [(r["forward_height"], r["forward_width"]) for r in rows] == [(48, 64)]
 

@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from spar_pipeline import evaluate, segment, timing
-from spar_pipeline.datasets import get_spec, make_synthetic
+from spar_pipeline.datasets import make_synthetic
 from spar_pipeline.manifest import read_manifest
 from spar_pipeline.recipe import DatasetEval, load_recipe
 from spar_pipeline.run import Run
+
+from _evaluate_fakes import Clock, CountingWindows, OneHot, striped_voc  # tests/ is on sys.path (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
@@ -25,59 +26,6 @@ def tiny():
     from spar_pipeline.backbones import build
 
     return build("tiny-siglip")
-
-
-class OneHot(torch.nn.Module):
-    """A perfect backbone for the test images: channel 0 holds 10 × class id, each 16×16 patch's
-    feature is the one-hot of that class, and each class's text embedding is the same one-hot."""
-
-    name, patch_size, window, dim = "onehot", 16, 48, 32
-    mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)  # normalised input = pixels / 255
-
-    def __init__(self):
-        super().__init__()
-        self.calls = 0
-
-    def normalize(self, x, scale=1.0):
-        """As ``Backbone.normalize``: (x − scale·mean) / (scale·std)."""
-        mean, std = (torch.tensor(v, device=x.device).view(3, 1, 1) * scale for v in (self.mean, self.std))
-        return (x - mean) / std
-
-    def dense(self, x):
-        self.calls += 1
-        k = torch.round(F.avg_pool2d(x[:, :1], 16) * 255 / 10).long().clamp(0, self.dim - 1)
-        return F.one_hot(k[:, 0], self.dim).float()
-
-    def class_embeddings(self, lines, templates):
-        emb, index = [], []
-        for c, line in enumerate(lines):
-            for _ in line.split(", "):
-                emb.append(F.one_hot(torch.tensor(c), self.dim).float())
-                index.append(c)
-        return torch.stack(emb), torch.tensor(index)
-
-
-def _striped_voc(root, n=3, h=64, w=96, seed=0):
-    """voc21 layout; classes constant over 16-pixel stripes (so bilinear logits are exact), ignore blocks."""
-    spec, rng = get_spec("voc21"), np.random.default_rng(seed)
-    base = root / spec.data_root
-    for d in (spec.img_dir, spec.ann_dir, "ImageSets/Segmentation"):
-        (base / d).mkdir(parents=True, exist_ok=True)
-    stems = []
-    for i in range(n):
-        cls = rng.integers(0, 21, (w if i % 2 == 0 else h) // 16)
-        stripes = np.repeat(cls, 16)
-        label = np.broadcast_to(stripes[None, :] if i % 2 == 0 else stripes[:, None], (h, w)).astype(np.uint8)
-        image = rng.integers(0, 256, (h, w, 3)).astype(np.uint8)
-        image[..., 0] = label * 10
-        label = label.copy()
-        label[16:32, 16:32] = 255  # ignored pixels (the image still encodes a class there)
-        stem = f"2007_{i:06d}"
-        Image.fromarray(image).save(base / spec.img_dir / f"{stem}.jpg", quality=100, subsampling=0)
-        Image.fromarray(label).save(base / spec.ann_dir / f"{stem}.png")
-        stems.append(stem)
-    (base / spec.ann_file).write_text("\n".join(stems) + "\n")
-    return root
 
 
 def test_resize_keep_ratio_mmcv_rule():
@@ -129,7 +77,7 @@ def test_predict_shapes_any_size(tiny, hw):
 
 
 def test_perfect_predictor_scores_100_in_every_mode(tmp_path):
-    root = _striped_voc(tmp_path)
+    root = striped_voc(tmp_path)
     recipe = load_recipe("tiny-cpu")
     recipe = dataclasses.replace(recipe, evaluate=dataclasses.replace(recipe.evaluate, resize=(96, 64),
                                                                        timing_warmup=3))
@@ -238,34 +186,11 @@ def test_feature_mse_against_the_store(tmp_path, tiny):
     assert evaluate.feature_mse(tiny, run, ids[:1]) == pytest.approx(want[0], rel=1e-5)
 
 
-class _Clock:
-    """A clock that moves only inside ``dense``: a timing that reads it counts forward time and nothing else."""
-
-    def __init__(self):
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class CountingWindows(OneHot):
-    """OneHot whose forwards record their batch shapes and advance ``clock`` by one second per window."""
-
-    def __init__(self, clock):
-        super().__init__()
-        self.clock, self.shapes = clock, []
-
-    def dense(self, x):
-        self.shapes.append(tuple(x.shape))
-        self.clock.now += x.shape[0]
-        return super().dense(x)
-
-
 def test_forward_timing_is_the_papers_protocol(monkeypatch):
     """Only forwards are timed; sliding = the sum over sub-batches; warm-up passes, then one timed."""
     from spar_pipeline.windows import count_windows
 
-    clock = _Clock()
+    clock = Clock()
     monkeypatch.setattr(timing.time, "perf_counter", clock)
     model = CountingWindows(clock)
     single = timing.forward_time(model, "single", size=(64, 96), warmup=2, fresh=True)
@@ -293,12 +218,12 @@ def test_evaluate_rows_time_forward_at_1024x2048_and_predict_apart(tmp_path):
     """forward_seconds: the paper's figure at the recipe's timing_size (here the paper's 1024×2048; tiny-cpu's
     own is 128×256), one per model × mode, the same for every dataset; predict_seconds: this dataset's
     end-to-end mean, its own figure."""
-    root = _striped_voc(tmp_path)
+    root = striped_voc(tmp_path)
     (tmp_path / "b").symlink_to(root)
     recipe = load_recipe("tiny-cpu")
     recipe = dataclasses.replace(recipe, evaluate=dataclasses.replace(recipe.evaluate, resize=(96, 64),
                                                                        timing_warmup=0, timing_size=(1024, 2048)))
-    model = CountingWindows(_Clock())
+    model = CountingWindows(Clock())
     rows = evaluate.run(None, {"voc21": str(root), "voc20": str(tmp_path / "b")}, modes=("single",),
                         backbone=model, recipe=recipe)
     assert {(r["forward_height"], r["forward_width"]) for r in rows} == {(1024, 2048)}
@@ -319,7 +244,7 @@ def test_v1_evaluate_manifest_is_refused_with_the_way_out(tmp_path):
     (tmp_path / "run" / "manifests" / "evaluate").mkdir(parents=True)
     pq.write_table(old, tmp_path / "run" / "manifests" / "evaluate" / "part-00000000000000000001-abcdef12.parquet")
     with pytest.raises(evaluate.EvaluateError, match=r"v1.*reads evaluate v3.*aside and evaluate again"):
-        evaluate.run(run, {"voc21": str(_striped_voc(tmp_path))}, backbone=OneHot())
+        evaluate.run(run, {"voc21": str(striped_voc(tmp_path))}, backbone=OneHot())
 
 
 def test_run_summary_speeds_are_measured_once_per_run_and_machine(tmp_path):
@@ -332,7 +257,7 @@ def test_run_summary_speeds_are_measured_once_per_run_and_machine(tmp_path):
     recipe = load_recipe("tiny-cpu")
     run.resolve_recipe(dataclasses.replace(recipe, evaluate=dataclasses.replace(recipe.evaluate, timing_warmup=0,
                                                                                 timing_size=(1024, 2048))))
-    model = CountingWindows(_Clock())
+    model = CountingWindows(Clock())
     timing._MEASURED.clear()  # nothing measured yet in this process
     first = look_speeds(run, model, model)
     assert set(first) == {"single (student)", "sliding s=24 (teacher)", "sliding s=32 (teacher)"}
@@ -357,12 +282,12 @@ def test_scale_and_stride_sweep_rows_class_iou_and_a_rerun_does_only_missing_row
     a rerun evaluates nothing, a new scale only its own rows."""
     from spar_pipeline.datasets import class_lines, get_dataset
 
-    root = _striped_voc(tmp_path)  # 64×96 images; resize (96, 64) keeps them at 64×96
+    root = striped_voc(tmp_path)  # 64×96 images; resize (96, 64) keeps them at 64×96
     run = Run(str(tmp_path / "run"))
     recipe = load_recipe("tiny-cpu")
     run.resolve_recipe(dataclasses.replace(recipe, evaluate=dataclasses.replace(recipe.evaluate, resize=(96, 64),
                                                                                 timing_warmup=0)))
-    model = CountingWindows(_Clock())
+    model = CountingWindows(Clock())
     timing._MEASURED.clear()
     sweep = dict(modes=("single", "sliding"), strides=[16, 32], backbone=model, timing_size=(96, 192))
     rows = evaluate.run(run, {"voc21": str(root)}, scales=[0.5, 1.0], **sweep)
@@ -452,7 +377,7 @@ def test_v2_evaluate_manifest_is_refused_with_the_way_out(tmp_path):
     (tmp_path / "run" / "manifests" / "evaluate").mkdir(parents=True)
     pq.write_table(old, tmp_path / "run" / "manifests" / "evaluate" / "part-00000000000000000001-abcdef12.parquet")
     with pytest.raises(evaluate.EvaluateError, match=r"v2.*reads evaluate v3.*aside and evaluate again") as e:
-        evaluate.run(run, {"voc21": str(_striped_voc(tmp_path))}, backbone=OneHot())
+        evaluate.run(run, {"voc21": str(striped_voc(tmp_path))}, backbone=OneHot())
     assert "\n" not in str(e.value) and len(_parts(run)) == 1  # nothing added to the old manifest
 
 

@@ -14,7 +14,7 @@ import pytest
 from spar_pipeline.mini.scenes import (CLASS_LINES, COLOURS, SHAPES, class_index, make_scene,
                                        make_scene_benchmark, make_scene_source, make_scene_tar)
 
-ASSET = Path(__file__).resolve().parents[1] / "spar_pipeline" / "assets" / "mini-clip.safetensors"
+ASSET = Path(__file__).resolve().parents[2] / "spar_pipeline" / "assets" / "mini-clip.safetensors"
 
 
 def _nearest_colour(pixels: np.ndarray) -> np.ndarray:

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,15 +10,7 @@ from spar_pipeline import manifest
 from spar_pipeline.run import Run
 from spar_pipeline.mini.sa1b_writer import make_sa1b_source
 
-EXE = str(Path(sys.executable).with_name("spar-pipeline"))
-
-
-def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = dict(os.environ, COLUMNS="200")
-    out = subprocess.run([EXE, *args], capture_output=True, text=True, env=env, timeout=600)
-    if check:
-        assert out.returncode == 0, out.stdout + out.stderr
-    return out
+from _cli import cli  # tests/ is on sys.path (tests/conftest.py)
 
 
 @pytest.mark.parametrize("command", ["ingest", "augment", "extract", "train", "evaluate", "run", "status", "verify",
