@@ -265,9 +265,10 @@ def run(run: Run, *, gpus: list[int] | None = None, workers: int | None = None, 
     probe = build(recipe.recipe.backbone, checkpoint=recipe.recipe.checkpoint or None)
     fp = teacher_fingerprint(run, probe.weights_digest, probe.patch_size, cfg)
     del probe
-    folder.freeze(frozen, fp)
+    folder.check(fp)  # another fingerprint is refused before the store is touched
     FeatureStore.create(folder.store_url, fp, storage_options=run.storage_options,
                         codec=cfg.codec, level=cfg.codec_level, dtype=cfg.store_dtype)
+    folder.freeze(frozen, fp)  # after the store accepted the fingerprint
     items = plan(run, limit, teacher)
     if not items:
         log.info("extract: nothing pending")

@@ -319,15 +319,20 @@ class TeacherFolder(Folder):
 
     def freeze(self, settings: dict[str, Any], fingerprint: dict[str, Any]) -> None:
         """Write teacher.toml once (settings + fingerprint); a different fingerprint later is refused."""
+        if self.check(fingerprint):
+            self.write_bytes_atomic(tomli_w.dumps({**settings, "fingerprint": fingerprint}).encode(), TEACHER_FILE)
+
+    def check(self, fingerprint: dict[str, Any]) -> bool:
+        """Whether teacher.toml is still to be written; refuses one that holds another fingerprint."""
         data = self.read_toml(TEACHER_FILE)
         if data is None:
-            self.write_bytes_atomic(tomli_w.dumps({**settings, "fingerprint": fingerprint}).encode(), TEACHER_FILE)
-            return
+            return True
         old = data.get("fingerprint") or {}
         if old != fingerprint:
             keys = ", ".join(k for k in sorted(set(old) | set(fingerprint)) if old.get(k) != fingerprint.get(k))
             raise RunError(f"{redact(self.url)}: the teacher differs from the one teacher {self.name} was extracted "
                            f"with ({keys}); name another --teacher")
+        return False
 
 
 class StudentFolder(Folder):
