@@ -191,15 +191,8 @@ def _segmentation_panel(rows, heads: list[str], names: list[str]) -> bytes:
     fig = Figure(figsize=(2.2 * cols * w / max(h, w) + 0.4, 2.2 * len(rows) * h / max(h, w) + 0.5 + 0.25 * legend_rows),
                  dpi=110, layout="constrained")
     axs = fig.subplots(len(rows), cols, squeeze=False)
-    for r, (image, gt, preds) in enumerate(rows):
-        cells = [image, _colour(gt, palette)] + [_colour(p, palette) for p in preds]
-        for c, cell in enumerate(cells):
-            ax = axs[r][c]
-            ax.imshow(cell, interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if r == 0:
-                ax.set_title(heads[c], fontsize=9)
+    _show(axs, [[image, _colour(gt, palette)] + [_colour(p, palette) for p in preds] for image, gt, preds in rows],
+          heads)
     handles = [Patch(color=palette[c] / 255.0, label=names[c]) for c in sorted(present) if c < len(names)]
     fig.legend(handles=handles, loc="outside lower center", ncols=min(8, max(1, len(handles))), fontsize=8)
     return _png(fig)
@@ -213,15 +206,20 @@ def _pca_panel(rows, heads: list[str]) -> bytes:
     fig = Figure(figsize=(2.2 * cols * w / max(h, w) + 0.4, 2.2 * len(rows) * h / max(h, w) + 0.4), dpi=110,
                  layout="constrained")
     axs = fig.subplots(len(rows), cols, squeeze=False)
-    for r, (image, maps) in enumerate(rows):
-        for c, cell in enumerate([image, *maps]):
+    _show(axs, [[image, *maps] for image, maps in rows], heads)
+    return _png(fig)
+
+
+def _show(axs, grid: list[list[np.ndarray]], heads: list[str]) -> None:
+    """Both panels' layout: each picture in its own axes, no ticks, the first row titled by ``heads``."""
+    for r, cells in enumerate(grid):
+        for c, cell in enumerate(cells):
             ax = axs[r][c]
             ax.imshow(cell, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
                 ax.set_title(heads[c], fontsize=9)
-    return _png(fig)
 
 
 def _colour(label: np.ndarray, palette: np.ndarray) -> np.ndarray:
