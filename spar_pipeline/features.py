@@ -30,7 +30,6 @@ import hashlib
 import json
 import logging
 import os
-import uuid
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -38,6 +37,7 @@ import numpy as np
 import torch
 
 from spar_pipeline.errors import DatasetError, OptionError, SourceError, first_line
+from spar_pipeline.fsutil import write_local_atomic
 
 __all__ = ["collect_images", "image_names", "dense_map", "image_array", "scaled", "run", "read", "MODES",
            "IMAGE_SUFFIXES"]
@@ -230,7 +230,7 @@ class _Sink:
     def write_index(self, names: Sequence[str]) -> None:
         """The settings and every name -> key, merged with an earlier index of the same settings."""
         maps = {**self._old_maps, **{n: self.key(n) for n in names}}
-        _atomic_write(Path(self.out, INDEX), json.dumps({"format": self.format, "settings": self.settings, "maps": maps},
+        write_local_atomic(Path(self.out, INDEX), json.dumps({"format": self.format, "settings": self.settings, "maps": maps},
                                        indent=1, sort_keys=True).encode())
 
 
@@ -275,18 +275,4 @@ def _save_npy(path: Path, arr: np.ndarray) -> None:
 
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(arr, dtype=np.float32), allow_pickle=False)
-    _atomic_write(path, buf.getvalue())
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_local_atomic(path, buf.getvalue())

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import uuid
 from typing import Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-__all__ = ["filesystem", "storage_options_for", "is_local", "redact"]
+__all__ = ["filesystem", "storage_options_for", "is_local", "redact", "write_local_atomic"]
 
 
 def _s3_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -57,3 +59,21 @@ def redact(text: str) -> str:
     """Strip query-string secrets (signed URLs in the SA-1B links file) and ``user:password@``
     from text shown to users."""
     return _USERINFO.sub("***@", _SECRET.sub(lambda m: f"{m.group(1)}=***", text))
+
+
+def write_local_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Whole-or-nothing local write: temporary file, fsync, rename; a failed write leaves no temporary."""
+    path = os.fspath(path)
+    parent = os.path.dirname(path) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".tmp-{uuid.uuid4().hex}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk leaves no half-written temporary behind
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

@@ -30,19 +30,17 @@ into ``teachers/default`` and ``students/default``.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
 import re
 import tomllib
-import uuid
 from typing import Any
 
 import tomli_w
 
 from spar_pipeline.errors import RunError
-from spar_pipeline.fsutil import filesystem, is_local, redact
+from spar_pipeline.fsutil import filesystem, is_local, redact, write_local_atomic
 from spar_pipeline.recipe import Recipe, load_recipe, recipe_diff, recipe_from_dict, recipe_to_dict, valid_name
 from spar_pipeline.recipe_study import LABELS, study_to_dict
 
@@ -109,20 +107,8 @@ class Folder:
     def write_bytes_atomic(self, data: bytes, *parts: str) -> None:
         """Whole-or-nothing write: rename on local disk, one PUT on object stores."""
         target = self.path(*parts)
-        parent = target.rsplit("/", 1)[0]
         if self.local:
-            os.makedirs(parent, exist_ok=True)
-            tmp = f"{parent}/.tmp-{uuid.uuid4().hex}"
-            try:
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, target)
-            except BaseException:  # a full disk leaves no half-written temporary behind
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
+            write_local_atomic(target, data)
         else:
             self.fs.pipe_file(target, data)
 
