@@ -163,16 +163,20 @@ def heldout_mse(run: Run, checkpoints: Sequence[str], backbone: str | None = Non
     ``checkpoints`` (pretrained, best or a weights file), one at a time."""
     from spar_pipeline.weights import load_models
 
+    students = set(run.students())
     for ck in checkpoints:
         _, model = load_models(backbone, ck, run, need_pretrained=False)
-        yield ck, feature_mse(model, run)
+        # a student is compared with the teacher it learned; pretrained and files with the default teacher
+        teacher = (run.student(ck).settings or {}).get("teacher", "default") if ck in students else "default"
+        yield ck, feature_mse(model, run, teacher=teacher)
 
 
 @torch.no_grad()
-def feature_mse(backbone, run: Run | str, image_ids: Sequence[int] | None = None, device=None) -> float:
+def feature_mse(backbone, run: Run | str, image_ids: Sequence[int] | None = None, device=None,
+                teacher: str = "default") -> float:
     """Held-out teacher MSE: mean over ``image_ids`` (default: the held-out slice that ``train`` never
     trains on and validates with) of the MSE between ``backbone``'s single-pass dense map of the
-    augmented image and the stored teacher map, over all h·w·D elements (the training loss)."""
+    augmented image and teacher ``teacher``'s stored map, over all h·w·D elements (the training loss)."""
     from spar_pipeline.augmentation import augmented_image
     from spar_pipeline.store import FeatureStore
     from spar_pipeline.errors import TrainError
@@ -181,7 +185,7 @@ def feature_mse(backbone, run: Run | str, image_ids: Sequence[int] | None = None
     run = Run(run) if isinstance(run, str) else run
     if image_ids is None:
         try:
-            image_ids = [it.image_id for it in training_items(run)[1]]
+            image_ids = [it.image_id for it in training_items(run, teacher)[1]]
         except TrainError as e:
             raise EvaluateError(str(e)) from None
         if not image_ids:
@@ -189,7 +193,7 @@ def feature_mse(backbone, run: Run | str, image_ids: Sequence[int] | None = None
                                 "benchmark with --dataset NAME=PATH instead")
     if not image_ids:
         raise EvaluateError(f"{run}: no extracted images to compare with; run `spar-pipeline extract` first")
-    store = FeatureStore.open(run.store_url, storage_options=run.storage_options)
+    store = FeatureStore.open(run.teacher(teacher).store_url, storage_options=run.storage_options)
     dev = torch.device(device) if device is not None else next(backbone.parameters()).device
     total = 0.0
     for image_id in image_ids:
