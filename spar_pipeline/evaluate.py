@@ -44,7 +44,7 @@ MODE_CHOICES = ("single", "sliding")
 
 
 # ---- public ------------------------------------------------------------------------------
-def run(run: Run | None, datasets: dict[str, str], *, checkpoints: Sequence[str] = ("pretrained",),
+def run(run_dir: Run | None, datasets: dict[str, str], *, checkpoints: Sequence[str] = ("pretrained",),
         modes: Sequence[str] = ("single",), strides: Sequence[int] | None = None,
         scales: Sequence[float] = (1.0,), limit: int | None = None, backbone=None, recipe=None,
         device: str | torch.device | None = None, redo: bool = False,
@@ -67,7 +67,7 @@ def run(run: Run | None, datasets: dict[str, str], *, checkpoints: Sequence[str]
     from spar_pipeline.backbones import build
     from spar_pipeline.datasets import get_dataset, templates
 
-    recipe = _recipe(run, recipe)
+    recipe = _recipe(run_dir, recipe)
     cfg = recipe.evaluate
     if not datasets:
         raise EvaluateError("no dataset given; pass --dataset NAME=PATH, e.g. --dataset voc21=data/VOCdevkit/VOC2012")
@@ -81,7 +81,7 @@ def run(run: Run | None, datasets: dict[str, str], *, checkpoints: Sequence[str]
         benches[name] = get_dataset(name, root)
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     pretrained, bname = pretrained_model(backbone, recipe, dev)
-    paths = {ck: resolve_checkpoint(run, ck) for ck in checkpoints}  # fail early on a missing file or name
+    paths = {ck: resolve_checkpoint(run_dir, ck) for ck in checkpoints}  # fail early on a missing file or name
     labels = _labels(checkpoints, paths)
 
     # Text features once per dataset, from the pretrained text tower (never a student's), when first needed.
@@ -93,7 +93,7 @@ def run(run: Run | None, datasets: dict[str, str], *, checkpoints: Sequence[str]
             text[name] = (emb.detach().to(dev), index.to(dev))
         return text[name]
 
-    existing = _existing(run) if run is not None and not redo else {}
+    existing = _existing(run_dir) if run_dir is not None and not redo else {}
     rows: list[dict] = []
     for ck, label in zip(checkpoints, labels):
         model = None
@@ -111,13 +111,13 @@ def run(run: Run | None, datasets: dict[str, str], *, checkpoints: Sequence[str]
                         model = pretrained if paths[ck] is None else build(bname, paths[ck], device=dev)
                     row = _evaluate_one(model, label, bench, name, n, txt, cfg, mode, stride, scale,
                                         timing_size or cfg.timing_size)
-                    if run is not None:
+                    if run_dir is not None:
                         from spar_pipeline.manifest import write_part
 
-                        write_part(run, STAGE, [row])
+                        write_part(run_dir, STAGE, [row])
                     rows.append(row)
-    if run is not None:
-        write_table(run)
+    if run_dir is not None:
+        write_table(run_dir)
     return rows
 
 

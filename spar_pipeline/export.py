@@ -55,7 +55,7 @@ class ExportError(SparError, RuntimeError):
     """The export or its push cannot be done as asked; the message says why and what to do."""
 
 
-def run(run: Run, out: str, *, student: str | None = None, push_to: str | None = None) -> dict[str, Any]:
+def run(run_dir: Run, out: str, *, student: str | None = None, push_to: str | None = None) -> dict[str, Any]:
     """Export ``student`` (default: the run's one student) of ``run`` to the folder ``out``."""
     from spar_pipeline.api import SPAR_CONFIG, resolve_student
     from spar_pipeline.backbones import build, get_spec
@@ -63,7 +63,7 @@ def run(run: Run, out: str, *, student: str | None = None, push_to: str | None =
     from spar_pipeline.model_card import write_card
     from spar_pipeline.recipe import recipe_to_dict
 
-    files = resolve_student(run, student)
+    files = resolve_student(run_dir, student)
     b = build(files.backbone, files.weights)
     spec = get_spec(files.backbone)
     folder = Path(out)
@@ -77,7 +77,7 @@ def run(run: Run, out: str, *, student: str | None = None, push_to: str | None =
     else:  # pragma: no cover - every registered family is handled above
         raise ExportError(f"{files.backbone}: no export layout for family {b.family!r}")
 
-    recipe = recipe_to_dict(run.recipe)
+    recipe = recipe_to_dict(run_dir.recipe)
     config = {
         "format": "spar-pipeline-export", "format_version": 1,
         "backbone": files.backbone, "family": b.family, "dense_head": DENSE_HEADS[b.family],
@@ -86,7 +86,7 @@ def run(run: Run, out: str, *, student: str | None = None, push_to: str | None =
         "weights_digest": b.weights_digest,
         "open_clip_model": spec.get("open_clip_model"), "base_model": (spec.get("pretrained") or {}).get("hf_hub"),
         "teacher": files.teacher,
-        "recipe": {"name": recipe["recipe"]["name"], "fingerprint": run.recipe.fingerprint,
+        "recipe": {"name": recipe["recipe"]["name"], "fingerprint": run_dir.recipe.fingerprint,
                    "augment": recipe["augment"], "extract": recipe["extract"], "train": recipe["train"]},
         "student": {"name": files.name, "run": files.run_url, **{k: files.info[k] for k in
                     ("epoch", "step", "val_mse", "baseline_val_mse") if k in files.info}},
@@ -96,9 +96,9 @@ def run(run: Run, out: str, *, student: str | None = None, push_to: str | None =
         config["dinov3_hub"] = {"backbone": text.split("_dinotxt")[0] or "dinov3_vitl16", "dinotxt": text}
     _atomic_text(folder / SPAR_CONFIG, json.dumps(config, indent=2) + "\n")
 
-    rows = read_manifest(run, "evaluate").to_pylist() if run.exists("manifests", "evaluate") else []
-    images = _training_images(run, files.name)
-    pictures = _copy_pictures(run, folder)
+    rows = read_manifest(run_dir, "evaluate").to_pylist() if run_dir.exists("manifests", "evaluate") else []
+    images = _training_images(run_dir, files.name)
+    pictures = _copy_pictures(run_dir, folder)
     card = write_card(folder, config, rows, files.label, images=images, pictures=pictures, repo_id=push_to,
                       notes=notes)
     report = {"out": str(folder), "backbone": files.backbone, "student": files.name, "weights": weights,

@@ -240,7 +240,7 @@ def _batches(items: list[dict], size: int) -> list[list[dict]]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
-def run(run: Run, *, gpus: list[int] | None = None, workers: int | None = None, scheduler: str | None = None,
+def run(run_dir: Run, *, gpus: list[int] | None = None, workers: int | None = None, scheduler: str | None = None,
         window_batch: int | None = None, limit: int | None = None, progress: bool = True, teacher: str = "default",
         stride: int | None = None, settings: dict | None = None) -> dict:
     """CLI ``extract``: teacher ``teacher``'s maps of every augmented image not done yet. Its first call
@@ -252,28 +252,28 @@ def run(run: Run, *, gpus: list[int] | None = None, workers: int | None = None, 
     from spar_pipeline.progress import StageProgress
     from spar_pipeline.store import FeatureStore
 
-    recipe = run.recipe
-    if not manifest.read_manifest(run, "augment").num_rows:  # before the teacher is built or the store made
-        raise RunError(f"{run}: nothing augmented yet; run `spar-pipeline augment --run {run.url}` first")
+    recipe = run_dir.recipe
+    if not manifest.read_manifest(run_dir, "augment").num_rows:  # before the teacher is built or the store made
+        raise RunError(f"{run_dir}: nothing augmented yet; run `spar-pipeline augment --run {run_dir.url}` first")
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     t0 = time.perf_counter()
-    folder = run.teacher(teacher)
+    folder = run_dir.teacher(teacher)
     given = {**(settings or {}), **({} if stride is None else {"stride": stride})}
     frozen = folder.plan(asdict(recipe.extract), given)  # refused here, before anything is built or written
-    cfg = extract_config(recipe.extract, frozen, f"[teachers.{teacher}]", redact(run.url))
+    cfg = extract_config(recipe.extract, frozen, f"[teachers.{teacher}]", redact(run_dir.url))
     # Built on CPU only to fingerprint the weights: the client never initialises CUDA.
     probe = build(recipe.recipe.backbone, checkpoint=recipe.recipe.checkpoint or None)
-    fp = teacher_fingerprint(run, probe.weights_digest, probe.patch_size, cfg)
+    fp = teacher_fingerprint(run_dir, probe.weights_digest, probe.patch_size, cfg)
     del probe
     folder.check(fp)  # another fingerprint is refused before the store is touched
-    FeatureStore.create(folder.store_url, fp, storage_options=run.storage_options,
+    FeatureStore.create(folder.store_url, fp, storage_options=run_dir.storage_options,
                         codec=cfg.codec, level=cfg.codec_level, dtype=cfg.store_dtype)
     folder.freeze(frozen, fp)  # after the store accepted the fingerprint
-    items = plan(run, limit, teacher)
+    items = plan(run_dir, limit, teacher)
     if not items:
         log.info("extract: nothing pending")
         return dict(done=0, rejected=0, windows=0, forward_seconds=0.0, task_seconds=0.0, seconds=0.0)
-    spec = ExtractSpec(run.url, run.storage_options, recipe.recipe.backbone, recipe.recipe.checkpoint,
+    spec = ExtractSpec(run_dir.url, run_dir.storage_options, recipe.recipe.backbone, recipe.recipe.checkpoint,
                        replace(cfg, window_batch=window_batch or cfg.window_batch), recipe.ingest.max_pixels, fp,
                        teacher)
     batches = _batches(items, cfg.images_per_task)
@@ -296,7 +296,7 @@ def run(run: Run, *, gpus: list[int] | None = None, workers: int | None = None, 
                 bar.update(rep["done"] + rep["rejected"], windows=rep["windows"], workers=per_worker)
     seconds = time.perf_counter() - t0
     finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    manifest.write_part(run, "summary", [dict(
+    manifest.write_part(run_dir, "summary", [dict(
         stage="extract" if teacher == "default" else f"extract {teacher}", started=started, finished=finished,
         done=totals["done"], rejected=totals["rejected"],
         seconds=seconds, items_per_second=(totals["done"] + totals["rejected"]) / seconds,

@@ -282,7 +282,7 @@ def _take_files(run: Run, unit: Unit, outcome: Any, owner: dict[int, str], repor
 
 
 def run(
-    run: Run,
+    run_dir: Run,
     sources: list[str],
     *,
     links: str | None = None,
@@ -304,10 +304,10 @@ def run(
     rejected, duplicates, seconds.
     """
     t0, started = time.perf_counter(), time.time()
-    cfg = run.recipe.ingest
+    cfg = run_dir.recipe.ingest
     max_id = cfg.max_id if max_id is None else max_id
-    options = storage_options if storage_options is not None else run.storage_options
-    resolved = resolve_sources(sources, links, tars, options, download_dir=run.url_for("source"))
+    options = storage_options if storage_options is not None else run_dir.storage_options
+    resolved = resolve_sources(sources, links, tars, options, download_dir=run_dir.url_for("source"))
     urls, found = resolved.urls, list(resolved.images)
     for spec in datasets or []:
         found += dataset_images(*parse_dataset(spec), options)
@@ -317,9 +317,9 @@ def run(
     files: dict[int, ImageFile] = {}
     for f in found:  # a file reached through two SOURCEs is one image
         files.setdefault(stable_id(f.url), f)
-    existing = manifest.read_manifest(run, "ingest").to_pylist()
+    existing = manifest.read_manifest(run_dir, "ingest").to_pylist()
     redo = {r["source"] for r in existing if r["status"] == "redo"}  # marked by verify --repair
-    done_sources = set(manifest.read_manifest(run, "tars")["source"].to_pylist()) - redo
+    done_sources = set(manifest.read_manifest(run_dir, "tars")["source"].to_pylist()) - redo
     owner = {r["image_id"]: r["source"] for r in existing if r["status"] != "redo"}
     report = dict(tars=len(urls), skipped_tars=0, failed_tars=len(resolved.failed), images=len(files),
                   skipped_images=0, failed_images=0, ok=0, rejected=0, duplicates=0)
@@ -347,16 +347,16 @@ def run(
     outcomes = _outcomes(units, workers, (max_id, cfg.max_pixels, options))
     for unit, outcome in outcomes:
         if unit[0] == "tar":
-            new += _take_tar(run, unit, outcome, owner, report, max_id)
+            new += _take_tar(run_dir, unit, outcome, owner, report, max_id)
         else:
-            new += _take_files(run, unit, outcome, owner, report)
+            new += _take_files(run_dir, unit, outcome, owner, report)
         if limit and new >= limit:
             log.info("ingest: --limit %d reached after %d new image(s); stopping", limit, new)
             break
     outcomes.close()  # stops the worker pool now, not when garbage-collected
-    manifest.compact(run, "ingest")
-    manifest.compact(run, "tars")
-    manifest.record_invocation(run, "ingest", started, report["ok"], report["rejected"])
+    manifest.compact(run_dir, "ingest")
+    manifest.compact(run_dir, "tars")
+    manifest.record_invocation(run_dir, "ingest", started, report["ok"], report["rejected"])
     report["seconds"] = round(time.perf_counter() - t0, 2)
     log.info("ingest: done: %(ok)d ok, %(rejected)d rejected, %(duplicates)d duplicate ids, "
              "%(failed_tars)d tar(s) and %(failed_images)d image file(s) failed, "

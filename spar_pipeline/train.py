@@ -40,7 +40,7 @@ __all__ = ["run", "summary_line", "processes_here", "TrainError"]
 log = logging.getLogger(__name__)
 
 
-def run(run: Run, *, gpus: list[int] | None = None, epochs: int | None = None, trainable: str | None = None,
+def run(run_dir: Run, *, gpus: list[int] | None = None, epochs: int | None = None, trainable: str | None = None,
         resume: bool = True, processes: int | None = None, progress: bool = True,
         stop_after_steps: int | None = None, images_per_step: int | None = None, student: str = "default",
         teacher: str | None = None, seed: int | None = None, images: int | None = None,
@@ -62,21 +62,22 @@ def run(run: Run, *, gpus: list[int] | None = None, epochs: int | None = None, t
     settings frozen anew."""
     named = dict(teacher=teacher, trainable=trainable, seed=seed, images=images, lr=lr, epochs=epochs,
                  images_per_step=images_per_step)
-    folder, settings = _settings(run, student, resume, {**(settings or {}), **{k: v for k, v in named.items()
+    folder, settings = _settings(run_dir, student, resume, {**(settings or {}), **{k: v for k, v in named.items()
                                                                                if v is not None}})
-    recipe = dataclasses.replace(run.recipe, train=train_config(run.recipe.train, settings, f"student {student}"))
+    recipe = run_dir.recipe
+    recipe = dataclasses.replace(recipe, train=train_config(recipe.train, settings, f"student {student}"))
     cfg = recipe.train
     where = distributed.launched()  # torchrun started this process: it is one rank of torchrun's group
     gpus, world = _devices(cfg, gpus, processes) if where is None else (None, _torchrun_world(cfg, where, gpus,
                                                                                              processes))
     if where is not None and where.rank:
         logging.getLogger("spar_pipeline").setLevel(logging.WARNING)  # rank 0 tells the story
-    train_items, val_items = training_items(run, settings["teacher"], settings["images"])
+    train_items, val_items = training_items(run_dir, settings["teacher"], settings["images"])
     settings["images"] = len(train_items)
     if len(train_items) < cfg.images_per_step:
         raise TrainError(f"{len(train_items)} training image(s) for images_per_step={cfg.images_per_step}: "
                          "not one optimizer step; add images or lower images_per_step")
-    spec = TrainSpec(url=run.url, storage_options=run.storage_options, recipe=recipe, train_items=train_items,
+    spec = TrainSpec(url=run_dir.url, storage_options=run_dir.storage_options, recipe=recipe, train_items=train_items,
                      val_items=val_items, gpus=tuple(gpus) if gpus else None, progress=progress,
                      stop_after_steps=stop_after_steps, student=folder.name, teacher=settings["teacher"],
                      seed=settings["seed"], settings=settings)
