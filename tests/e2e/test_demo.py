@@ -10,7 +10,10 @@ from spar_pipeline import manifest
 from spar_pipeline.run import Run
 
 
-def test_mini_demo_spar_beats_single_pass_and_is_faster_than_sliding(tmp_path):
+def test_mini_demo_spar_beats_single_pass_and_is_faster_than_sliding(tmp_path, monkeypatch):
+    # one torch thread per process: on a busy 2-core CPU torch's default threads oversubscribe it (measured:
+    # the demo 3 min 59 s with it, 7 min 28 s without, past the 600 s a test may take with the suite alongside)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     run = str(tmp_path / "demo")
     out = cli("run", "--run", run, "--recipe", "mini")
     every = manifest.read_manifest(Run(run), "evaluate").to_pylist()
