@@ -121,6 +121,8 @@ def _fail(message: str, code: int) -> None:
 def reporting() -> Iterator[None]:
     """The body of every command: known failures one line (exit 2), a bug one line and a hint (exit 1)."""
     verbose = _verbose[0]
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level  # put back afterwards: a command run in-process leaves no handler behind
     _setup_logging(verbose)
     try:
         yield
@@ -138,6 +140,9 @@ def reporting() -> Iterator[None]:
             raise
         _fail(f"unexpected {first_line(e, MESSAGE_LIMIT, typed=True)} (a bug; `spar-pipeline --verbose` before "
               "the same command shows the traceback)", 1)
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
 
 
 def _object_store_error(e: BaseException) -> Optional[str]:

@@ -87,3 +87,18 @@ def test_usage_errors_are_one_line_and_verbose_is_declared_once(tmp_path):
     lines = [l for l in out.stderr.splitlines() if l.strip()]
     assert out.returncode == 2 and len(lines) == 1 and "'--workers': 0 is not allowed" in lines[0], out.stderr
     assert "--verbose" in cli("--help").stdout and "--verbose" not in cli("extract", "--help").stdout
+
+
+def test_a_command_run_in_process_leaves_the_root_logger_as_it_was(tmp_path):
+    # the command installs its own handler; one left behind would print every later library warning twice
+    import logging
+
+    from typer.testing import CliRunner
+
+    from spar_pipeline.cli import app
+
+    root = logging.getLogger()
+    before = (root.handlers[:], root.level)
+    result = CliRunner().invoke(app, ["augment", "--run", str(tmp_path / "never-made")])
+    assert result.exit_code == 2
+    assert (root.handlers, root.level) == before
