@@ -56,7 +56,7 @@ def test_two_extracts_at_once(tmp_path, source, extracted):
     done_once(run.teacher(), "extract", planned)
     rows = assert_maps_intact(run)  # the map in the store is the one its latest row describes
     assert_no_conflicts(run.teacher(), "extract", ("grid_h", "grid_w", "dim", "status"))
-    mine, clean = FeatureStore.open(run.teacher().store_url), FeatureStore.open(f"{extracted}/features.zarr")
+    mine, clean = FeatureStore.open(run.teacher().store_url), FeatureStore.open(Run(str(extracted)).teacher().store_url)
     for r in rows:  # the same teacher maps as a clean run of the fault recipe (1 image per task)
         np.testing.assert_allclose(mine.read(r["image_id"]).astype(np.float32),
                                    clean.read(r["image_id"]).astype(np.float32), rtol=2e-3, atol=2e-3)
