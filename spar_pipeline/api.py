@@ -30,6 +30,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from spar_pipeline.checkpoint import BEST_INFO, BEST_OPEN_CLIP
 from spar_pipeline.errors import SparError
 from spar_pipeline.weights import DEFAULT_STUDENT  # the run's one student (evaluate rows call it "best")
 
@@ -75,12 +76,12 @@ def resolve_student(run, student: str | None = None) -> StudentFiles:
     name = DEFAULT_STUDENT if student in (None, "", "best") else student
     parts = student_checkpoint(run, name)  # one-line errors: an unknown name, a student not trained yet
     folder = parts[:-1]
-    info = json.loads(run.read_bytes(*folder, "best.json")) if run.exists(*folder, "best.json") else {}
-    oc = run.exists(*folder, "best_open_clip.safetensors")
+    info = json.loads(run.read_bytes(*folder, BEST_INFO)) if run.exists(*folder, BEST_INFO) else {}
+    oc = run.exists(*folder, BEST_OPEN_CLIP)
     return StudentFiles(
         run_url=run.url, name=name, label="best" if name == DEFAULT_STUDENT else name,
         backbone=info.get("backbone") or run.recipe.recipe.backbone, weights=_local(run, *parts),
-        open_clip_weights=_local(run, *folder, "best_open_clip.safetensors") if oc else None,
+        open_clip_weights=_local(run, *folder, BEST_OPEN_CLIP) if oc else None,
         info=info, teacher=_teacher(run, name),
     )
 

@@ -15,6 +15,7 @@ import tempfile
 
 import torch
 
+from spar_pipeline.checkpoint import BEST as BEST_FILE
 from spar_pipeline.errors import EvaluateError
 from spar_pipeline.run import STUDENTS, Run
 
@@ -22,7 +23,7 @@ __all__ = ["BEST", "DEFAULT_BACKBONE", "DEFAULT_STUDENT", "UnknownStudent", "stu
            "resolve_checkpoint", "pretrained_model", "load_models"]
 
 DEFAULT_STUDENT = "default"  # the student "best" means
-BEST = (STUDENTS, DEFAULT_STUDENT, "checkpoints", "best.safetensors")  # the default student's best epoch
+BEST = (STUDENTS, DEFAULT_STUDENT, "checkpoints", BEST_FILE)  # the default student's best epoch
 DEFAULT_BACKBONE = "siglip2-b16-512"  # without a run or a --backbone
 
 
