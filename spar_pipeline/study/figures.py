@@ -1,5 +1,6 @@
 """The study's figures from the manifests alone (matplotlib, Agg, no display): Fig. 1 (mIoU against
-forward seconds per image), Fig. 3 (mIoU and seconds against evaluation scale), the training curves
+forward seconds per image), Fig. 3 (mIoU and seconds against evaluation scale; a seed group as its mean
+with a ± std band), the training curves
 (val_mse per epoch against the pretrained baseline) and the per-class IoU gain of the best student.
 
 Each function returns a ``Picture`` (PNG bytes, title, caption) or None when the run holds nothing to
@@ -13,10 +14,12 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
+from spar_pipeline.study.grouping import mean_std, seed_groups
 from spar_pipeline.study.inputs import PRETRAINED, Study
 from spar_pipeline.study.tables import dataset_order, model_cells, model_mean
 
-__all__ = ["Picture", "all_figures", "speed_accuracy", "scale_sweep", "training_curves", "class_gain", "colours"]
+__all__ = ["Picture", "Series", "all_figures", "speed_accuracy", "scale_sweep", "scale_series", "scale_figure",
+           "training_curves", "class_gain", "colours"]
 
 SINGLE_COLOUR, SLIDING_COLOUR = "#222222", "#c0392b"
 SHOWN = 12  # classes shown at each end of a long per-class gain list
@@ -43,13 +46,16 @@ def all_figures(study: Study) -> tuple[list[Picture], list[str]]:
 
 
 def colours(study: Study) -> dict[str, str]:
-    """model name -> colour: students from a qualitative map in study order."""
+    """model name -> colour: students from a qualitative map in study order, its reds left out (the sliding
+    teacher's colour)."""
     from matplotlib import colormaps
 
     names = [s.name for s in study.students]
     names += sorted({r["model"] for r in study.rows} - set(names) - {PRETRAINED})
-    cmap = colormaps["tab10" if len(names) <= 10 else "tab20"]
-    return {n: _hex(cmap(i % cmap.N)) for i, n in enumerate(names)}
+    small = len(names) <= 9
+    cmap = colormaps["tab10" if small else "tab20"]
+    palette = [_hex(cmap(i)) for i in range(cmap.N) if i not in ((3,) if small else (6, 7))]
+    return {n: palette[i % len(palette)] for i, n in enumerate(names)}
 
 
 def speed_accuracy(study: Study) -> Picture | None:
@@ -90,35 +96,80 @@ def speed_accuracy(study: Study) -> Picture | None:
                    "timing: ViT forward passes only). Sliding points are labelled with their stride.", _png(fig))
 
 
-def scale_sweep(study: Study) -> Picture | None:
+@dataclass
+class Series:
+    """One line of Fig. 3: mean mIoU and seconds per scale; ``std`` (a seed group's) is drawn as a band."""
+
+    label: str
+    colour: str
+    style: str
+    scales: list[float]
+    miou: list[float]
+    seconds: list[float]
+    std: list[float] | None = None
+    members: tuple[str, ...] = ()  # the models folded into it (a seed group), else the one model
+
+
+def scale_series(study: Study) -> list[Series]:
+    """The lines of Fig. 3: the pretrained single pass, each pretrained sliding stride, then each student in
+    one pass, a seed group folded into one line at the mean over its seeds with its sample std."""
     scales = sorted({r["scale"] for r in study.rows})
-    if len(scales) < 2:
-        return None
     datasets = dataset_order(study.rows)
     col = colours(study)
-    fig, (left, right) = _figure(11, 4.4, ncols=2)
-    lines = 0
-    plans = [(PRETRAINED, "single", 0)]
-    plans += [(PRETRAINED, "sliding", s) for s in sorted({int(r["stride"]) for r in study.rows
-                                                         if r["model"] == PRETRAINED and r["mode"] == "sliding"})]
-    plans += [(n, "single", 0) for n in col]
+    out: list[Series] = []
+    strides = sorted({int(r["stride"]) for r in study.rows if r["model"] == PRETRAINED and r["mode"] == "sliding"})
     dashes = ["--", ":", "-."]
-    for model, mode, stride in plans:
-        pts = [(s, p) for s in scales if (p := _point(study.rows, model, mode, stride, datasets, s))]
-        if len(pts) < 2:
-            continue
-        if model == PRETRAINED:
-            colour = SINGLE_COLOUR if mode == "single" else SLIDING_COLOUR
-            style = "-s" if mode == "single" else dashes[lines % 3] + "o"
-            label = "pretrained single pass" if mode == "single" else f"pretrained sliding s={stride}"
-        else:
-            colour, style, label = col[model], "-o", f"{model} (single pass)"
-        xs = [s for s, _ in pts]
-        left.plot(xs, [p[1] for _, p in pts], style, color=colour, label=label)
-        right.plot(xs, [p[0] for _, p in pts], style, color=colour, label=label)
-        lines += 1
-    if not lines:
+    for mode, stride in [("single", 0), *(("sliding", s) for s in strides)]:
+        pts = [(s, p) for s in scales if (p := _point(study.rows, PRETRAINED, mode, stride, datasets, s))]
+        if len(pts) >= 2:
+            single = mode == "single"
+            out.append(Series("pretrained single pass" if single else f"pretrained sliding s={stride}",
+                              SINGLE_COLOUR if single else SLIDING_COLOUR,
+                              "-s" if single else dashes[len(out) % 3] + "o", [s for s, _ in pts],
+                              [p[1] for _, p in pts], [p[0] for _, p in pts], members=(PRETRAINED,)))
+    groups = {g[0].name: g for g in seed_groups(study.students)}
+    grouped = {m.name for g in groups.values() for m in g}
+    for name in col:
+        if name in groups:
+            members = [m.name for m in groups[name]]
+            xs, mious, stds, secs = [], [], [], []
+            for s in scales:
+                pts = [p for m in members if (p := _point(study.rows, m, "single", 0, datasets, s))]
+                if pts:
+                    mean, std, _ = mean_std([p[1] for p in pts])
+                    xs.append(s)
+                    mious.append(mean)
+                    stds.append(std)
+                    secs.append(sum(p[0] for p in pts) / len(pts))
+            if len(xs) >= 2:
+                out.append(Series(f"{name} ({len(members)} seeds, mean ± std)", col[name], "-o", xs, mious, secs,
+                                  stds, tuple(members)))
+        elif name not in grouped:
+            pts = [(s, p) for s in scales if (p := _point(study.rows, name, "single", 0, datasets, s))]
+            if len(pts) >= 2:
+                out.append(Series(f"{name} (single pass)", col[name], "-o", [s for s, _ in pts],
+                                  [p[1] for _, p in pts], [p[0] for _, p in pts], members=(name,)))
+    return out
+
+
+def scale_figure(study: Study, series: Sequence[Series] | None = None):
+    """The matplotlib Figure of Fig. 3 (accuracy left, seconds right) from ``series`` (default: the study's),
+    or None with fewer than two scales or nothing to draw."""
+    if len({r["scale"] for r in study.rows}) < 2:
         return None
+    series = scale_series(study) if series is None else series
+    if not series:
+        return None
+    datasets = dataset_order(study.rows)
+    fig, (left, right) = _figure(11, 4.4, ncols=2)
+    for line in series:
+        left.plot(line.scales, line.miou, line.style, color=line.colour, label=line.label)
+        right.plot(line.scales, line.seconds, line.style, color=line.colour, label=line.label)
+        if line.std is not None:
+            band = left.fill_between(line.scales, [m - s for m, s in zip(line.miou, line.std)],
+                                     [m + s for m, s in zip(line.miou, line.std)], color=line.colour, alpha=0.2,
+                                     linewidth=0)
+            band.set_gid(f"band:{line.members[0]}")
     left.set_xlabel("evaluation scale (× the recipe's size)")
     left.set_ylabel(_mean_label(datasets))
     left.set_title("Accuracy against resolution")
@@ -126,9 +177,20 @@ def scale_sweep(study: Study) -> Picture | None:
     right.set_ylabel("forward seconds per image (log scale)")
     _log_axis(right.yaxis)
     right.set_title("Inference time against resolution")
-    _legend(right, lines)
-    return Picture("fig3_scale.png", "Fig. 3 shape: mIoU and seconds per image against evaluation scale",
-                   "Images resized to the scale × the recipe's evaluation size; the forward timing at that size.",
+    _legend(right, len(series))
+    return fig
+
+
+def scale_sweep(study: Study) -> Picture | None:
+    series = scale_series(study)
+    fig = scale_figure(study, series)
+    if fig is None:
+        return None
+    caption = "Images resized to the scale × the recipe's evaluation size; the forward timing at that size."
+    if any(line.std is not None for line in series):
+        caption += (" A seed group (students alike but for the seed) is one line at the mean over its seeds, "
+                    "shaded ± the sample std.")
+    return Picture("fig3_scale.png", "Fig. 3 shape: mIoU and seconds per image against evaluation scale", caption,
                    _png(fig))
 
 
