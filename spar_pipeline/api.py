@@ -30,7 +30,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from spar_pipeline.checkpoint import BEST_INFO, BEST_OPEN_CLIP
+from spar_pipeline.checkpoint_names import BEST_INFO, BEST_OPEN_CLIP
 from spar_pipeline.errors import SparError
 from spar_pipeline.weights import DEFAULT_STUDENT  # the run's one student (evaluate rows call it "best")
 

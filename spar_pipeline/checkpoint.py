@@ -27,6 +27,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from spar_pipeline.checkpoint_names import BEST, BEST_INFO, BEST_OPEN_CLIP
 from spar_pipeline.errors import CheckpointError, first_line
 from spar_pipeline.fsutil import redact
 from spar_pipeline.run import Run
@@ -38,9 +39,6 @@ log = logging.getLogger(__name__)
 FORMAT = 1
 FOLDER = "checkpoints"
 _NAME = re.compile(r"^ckpt-(\d{9})\.(json|safetensors)$")
-BEST = "best.safetensors"
-BEST_OPEN_CLIP = "best_open_clip.safetensors"
-BEST_INFO = "best.json"
 
 
 # ---- state tree <-> (JSON tree, flat tensors) ----------------------------------------------

@@ -39,6 +39,7 @@ from typing import Any
 
 import tomli_w
 
+from spar_pipeline.checkpoint_names import BEST
 from spar_pipeline.errors import RunError
 from spar_pipeline.fsutil import filesystem, is_local, redact, write_local_atomic
 from spar_pipeline.recipe import Recipe, load_recipe, recipe_diff, recipe_from_dict, recipe_to_dict, valid_name
@@ -345,7 +346,7 @@ class StudentFolder(Folder):
     @property
     def best_weights(self) -> str:
         """Path (in ``fs``) of its best epoch's weights, ``best.safetensors``."""
-        return self.path("checkpoints", "best.safetensors")
+        return self.path("checkpoints", BEST)
 
     def plan(self, base: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
         """Its settings: ``base`` with ``given`` on first use, else the frozen ones (epochs may grow); a

@@ -15,7 +15,7 @@ import tempfile
 
 import torch
 
-from spar_pipeline.checkpoint import BEST as BEST_FILE
+from spar_pipeline.checkpoint_names import BEST as BEST_FILE
 from spar_pipeline.errors import EvaluateError
 from spar_pipeline.run import STUDENTS, Run
 

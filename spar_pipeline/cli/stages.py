@@ -14,6 +14,7 @@ from rich.console import Console
 from spar_pipeline.cli.common import (Count, Mode, RecipeOpt, RunOpt, StorageOpt, app, console, datasets, gpu_ids,
                                       names, one_of, open_run, reporting, scheduler_ok)
 from spar_pipeline.cli.launcher import Launcher, rank_zero, run_torchrun
+from spar_pipeline.checkpoint_names import BEST
 from spar_pipeline.errors import OptionError, SourceError
 
 TarsOpt = typer.Option(None, help="With --links: comma-separated tar names, e.g. sa_000000,sa_000001.")
@@ -172,7 +173,7 @@ def train(
                         student=student, teacher=teacher, seed=seed, images=images, lr=lr,
                         images_per_step=images_per_step)
         if rank_zero():  # under torchrun every process returns; one line is printed
-            typer.echo(stage.summary_line(rep, r.student(student).url_for("checkpoints", "best.safetensors")))
+            typer.echo(stage.summary_line(rep, r.student(student).url_for("checkpoints", BEST)))
 
 
 @app.command()
