@@ -1,8 +1,10 @@
 """A run prepared up to extract, the teacher computed by hand, and the check that extract did each image once:
-shared by the extract and store tests."""
+shared by the extract and store tests; and ``tiny_recipe``, the tiny-cpu recipe with a few keys changed, shared by
+the train, study and torchrun tests."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +13,21 @@ import torch
 from spar_pipeline import augment, augmentation, ingest, manifest
 from spar_pipeline.backbones import build
 from spar_pipeline.mini.sa1b_writer import make_sa1b_source
+from spar_pipeline.resources import stages_dir
 from spar_pipeline.run import Run
 from spar_pipeline.store import FeatureStore
 from spar_pipeline.windows import sliding_features
+
+
+def tiny_recipe(path: Path, **changes: str) -> Path:
+    """stages/tiny-cpu.toml written to ``path`` with each ``key = value`` line of ``changes`` replaced (values as
+    TOML text: '"sorted"' for a string); a key not on exactly one line fails, so a renamed key is not missed."""
+    text = (stages_dir() / "tiny-cpu.toml").read_text()
+    for key, value in changes.items():
+        text, n = re.subn(rf"(?m)^{key} = .*$", f"{key} = {value}", text)
+        assert n == 1, key
+    path.write_text(text)
+    return path
 
 
 def prepare(url: str, src: Path, n_tars=2, per_tar=4, recipe="tiny-cpu") -> Run:

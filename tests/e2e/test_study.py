@@ -9,7 +9,6 @@ CLI in this process where the command line is what is tested.
 from __future__ import annotations
 
 import logging
-import re
 import shutil
 import tomllib
 from pathlib import Path
@@ -24,9 +23,9 @@ from spar_pipeline.cli import app
 from spar_pipeline.errors import RunError, TrainError
 from spar_pipeline.migrate import migrate
 from spar_pipeline.mini.sa1b_writer import make_sa1b_source
-from spar_pipeline.resources import stages_dir
 from spar_pipeline.run import Run
 
+from _extracted import tiny_recipe
 from faults._support import kill_group, start, wait_until
 
 IMAGES = 12
@@ -34,14 +33,8 @@ IMAGES = 12
 
 def _recipe(tmp: Path) -> Path:
     """tiny-cpu sized for 12 small images: 1 epoch, about 3 held out, a step checkpoint every 2 steps."""
-    text = (stages_dir() / "tiny-cpu.toml").read_text()
-    for key, value in dict(epochs="1", holdout_fraction="0.25", checkpoint_every="2", loader_workers="0",
-                           images_per_task="6").items():
-        text, n = re.subn(rf"(?m)^{key} = .*$", f"{key} = {value}", text)
-        assert n == 1, key
-    path = tmp / "study.toml"
-    path.write_text(text)
-    return path
+    return tiny_recipe(tmp / "study.toml", epochs="1", holdout_fraction="0.25", checkpoint_every="2",
+                       loader_workers="0", images_per_task="6")
 
 
 @pytest.fixture(scope="module")

@@ -24,8 +24,9 @@ from safetensors.torch import load_file
 from spar_pipeline import augment, extract, ingest, manifest, train
 from spar_pipeline.errors import TrainError
 from spar_pipeline.mini.sa1b_writer import make_sa1b_source
-from spar_pipeline.resources import stages_dir
 from spar_pipeline.run import Run
+
+from _extracted import tiny_recipe  # tests/ is on sys.path (tests/conftest.py)
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[2]
@@ -51,12 +52,8 @@ def prepared(tmp_path_factory) -> Path:
     """One run with 12 images through ingest, augment and extract (10 train, 2 held out), shared by every
     test here: images_per_step 2, a step checkpoint every 2 steps, no loader workers."""
     tmp = tmp_path_factory.mktemp("torchrun")
-    text = (stages_dir() / "tiny-cpu.toml").read_text()
-    for key, value in dict(lr="1e-4", holdout_fraction="0.25", checkpoint_every="2", epochs=str(EPOCHS),
-                           loader_workers="0", images_per_step=str(PER_STEP)).items():
-        text, n = re.subn(rf"(?m)^{key} = .*$", f"{key} = {value}", text)
-        assert n == 1, key
-    (tmp / "recipe.toml").write_text(text)
+    tiny_recipe(tmp / "recipe.toml", lr="1e-4", holdout_fraction="0.25", checkpoint_every="2", epochs=str(EPOCHS),
+                loader_workers="0", images_per_step=str(PER_STEP))
     tars = make_sa1b_source(tmp / "src", n_tars=1, per_tar=12, size=(128, 96), seed=1)
     run = Run(str(tmp / "base"))
     run.resolve_recipe(str(tmp / "recipe.toml"))

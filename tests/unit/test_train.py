@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import shutil
 from pathlib import Path
 
@@ -16,9 +15,10 @@ from spar_pipeline import augment, extract, ingest, manifest, split, train
 from spar_pipeline.backbones import build
 from spar_pipeline.checkpoint import Checkpointer, CheckpointError, decode_state, encode_state
 from spar_pipeline.errors import TrainError
-from spar_pipeline.resources import stages_dir
 from spar_pipeline.run import Run
 from spar_pipeline.mini.sa1b_writer import make_sa1b_source
+
+from _extracted import tiny_recipe  # tests/ is on sys.path (tests/conftest.py)
 
 EPOCHS = 2
 EVERY = 5  # checkpoint interval in steps
@@ -26,14 +26,8 @@ EVERY = 5  # checkpoint interval in steps
 
 def _recipe(tmp: Path, **changes: str) -> Path:
     """tiny-cpu with a train section sized for a 20-image test: 5 held out, a step checkpoint every 5."""
-    text = (stages_dir() / "tiny-cpu.toml").read_text()
-    for key, value in dict(dict(lr="1e-4", holdout_fraction="0.25", checkpoint_every=str(EVERY), epochs=str(EPOCHS),
-                                loader_workers="1"), **changes).items():
-        text, n = re.subn(rf"(?m)^{key} = .*$", f"{key} = {value}", text)
-        assert n == 1, key
-    path = tmp / "tiny-train.toml"
-    path.write_text(text)
-    return path
+    return tiny_recipe(tmp / "tiny-train.toml", **dict(dict(lr="1e-4", holdout_fraction="0.25",
+                       checkpoint_every=str(EVERY), epochs=str(EPOCHS), loader_workers="1"), **changes))
 
 
 @pytest.fixture(scope="module")
