@@ -6,13 +6,15 @@ GPUs are counted in a child process so the client never initialises CUDA before 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import glob
 import os
 import subprocess
 import sys
 
-__all__ = ["default_gpus", "check_gpus", "torch_device", "worker_device", "autocast_dtype", "autocast"]
+__all__ = ["default_gpus", "check_gpus", "torch_device", "worker_device", "autocast_dtype", "autocast",
+           "matmul_precision", "matmul_precision_for"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -75,3 +77,28 @@ def autocast(device, dtype):
     import torch
 
     return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+def matmul_precision(device) -> str | None:
+    """Training's float32 matmul precision on ``device``: the reference's "medium" on a GPU (TF32/bf16 matmuls
+    outside autocast); None on the CPU, which keeps PyTorch's setting: in torch 2.14 "medium" also makes the
+    CPU's oneDNN float32 matmuls bf16, which would change the CPU runs' numbers."""
+    return "medium" if device.type == "cuda" else None
+
+
+@contextlib.contextmanager
+def matmul_precision_for(device):
+    """Sets ``matmul_precision(device)`` (if any) for the block and puts the previous setting back after: it is
+    process-wide, and one process may run many trainings (the tests) or other stages after one."""
+    import torch
+
+    precision = matmul_precision(device)
+    if precision is None:
+        yield
+        return
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)

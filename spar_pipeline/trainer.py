@@ -25,7 +25,7 @@ import torch
 
 from spar_pipeline import distributed, manifest
 from spar_pipeline.checkpoint import Checkpointer
-from spar_pipeline.devices import torch_device
+from spar_pipeline.devices import matmul_precision_for, torch_device
 from spar_pipeline.errors import TrainError
 from spar_pipeline.pairs import PairLoader
 from spar_pipeline.progress import StageProgress
@@ -157,6 +157,11 @@ class Trainer:
 
     # ---- the loop -----------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
+        """The whole loop under training's float32 matmul precision ("medium" on a GPU), restored after."""
+        with matmul_precision_for(self.device):
+            return self._train()
+
+    def _train(self) -> dict[str, Any]:
         started, s = time.time(), self.state
         self.resume()
         if s.baseline_val_mse is None and self.spec.val_items:
