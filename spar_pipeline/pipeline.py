@@ -93,9 +93,12 @@ def run_all(
         from spar_pipeline import evaluate, weights
 
         # [evaluate] scales besides 1.0 (Fig. 3): pretrained single pass, sliding at scale_strides only and the
-        # default student's single pass, what the figure compares: a sliding pass per scale is the costly part
+        # single pass of the default student and its other seeds (the figure's band), what the figure compares:
+        # a sliding pass per scale is the costly part
         more = tuple(f for f in run.recipe.evaluate.scales if f != 1.0)
         scale_strides = run.recipe.evaluate.scale_strides
+        plans = {s.name: s for s in run.recipe.students}
+        swept = {DEFAULT} | {n for n, s in plans.items() if _seed_of_default(s, plans.get(DEFAULT))}
 
         def evaluate_all() -> list[dict]:
             rows = evaluate.run(run, datasets, checkpoints=["pretrained"], modes=("single", "sliding"))
@@ -110,7 +113,7 @@ def run_all(
                 label, redo = "best" if name == DEFAULT else name, bool(report.get("steps_this_run"))
                 rows += evaluate.run(run, datasets, checkpoints=[label],
                                      modes=("single", "sliding") if name == DEFAULT else ("single",), redo=redo)
-                if more and name == DEFAULT:
+                if more and name in swept:
                     rows += evaluate.run(run, datasets, checkpoints=[label], scales=more, redo=redo)
             return rows
 
@@ -123,3 +126,9 @@ def run_all(
     reports["seconds"] = time.perf_counter() - t0
     reports["summary"] = write_summary(run, reports)  # again, with the report's time and page
     return reports
+
+
+def _seed_of_default(plan: StudentPlan, default: StudentPlan | None) -> bool:
+    """``plan`` is the default student at another seed (``[[students]] name = "default", seeds = [...]``)."""
+    base = default or StudentPlan(DEFAULT)
+    return (plan.teacher, plan.images, plan.train) == (base.teacher, base.images, base.train) and plan.seed is not None

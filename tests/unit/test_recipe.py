@@ -91,3 +91,14 @@ def test_recipe_from_path_and_diff(tmp_path):
     mine = load_recipe(str(p))
     assert mine.extract.stride == 32
     assert recipe_diff(load_recipe("tiny-cpu"), mine) == ["extract.stride"]
+
+
+def test_the_default_students_seeds_are_swept_over_scales():
+    """`run` evaluates the default student and its other seeds (not the other students) at every
+    [evaluate] scale, so Fig. 3 can draw the seeds' spread."""
+    from spar_pipeline.pipeline import _seed_of_default
+    from spar_pipeline.recipe import load_recipe
+
+    plans = {s.name: s for s in load_recipe("mini-paper").students}
+    swept = sorted(n for n, s in plans.items() if _seed_of_default(s, plans.get("default")))
+    assert swept == ["default-seed1", "default-seed2"]
