@@ -38,7 +38,7 @@ def pretrain_mini(
 @app.command("mini-world")
 def mini_world(
     work: str = typer.Option("runs/mini-world", "--work", help="Folder of the generated world, the run and the table."),
-    bench_images: int = Count(12, help="Images of the generated scenes benchmark."),
+    bench_images: int = Count(96, help="Images of the generated scenes benchmark."),
     tars: int = Count(4, help="SA-1B-layout tars of generated scenes to train on."),
     per_tar: int = Count(16, help="Scenes per tar."),
     seed: int = typer.Option(0, help="Seed of the scenes (the benchmark uses 1000 + seed)."),
@@ -46,7 +46,7 @@ def mini_world(
     retime: bool = typer.Option(False, "--retime", help="Only time again the rows of an earlier call."),
 ) -> None:
     """The paper's Table 1 in small: pretrained single pass and sliding window against SPAR on the scenes
-    benchmark, at three resolutions, on CPU with no download. Resumes: a second call only re-evaluates.
+    benchmark, at scales 1×, 2× and 4×, on CPU with no download. Resumes: a second call only re-evaluates.
 
     Writes: WORK/run (the mini recipe's run), WORK/table.md (printed) and WORK/rows.json.
     """

@@ -16,7 +16,7 @@ from spar_pipeline.run import Run
 __all__ = ["generates_source", "is_mini", "embedded_source", "embedded_benchmark", "overlay_classes"]
 
 DEMO_TARS, DEMO_PER_TAR, DEMO_SIZE = 3, 12, (240, 160)
-MINI_TARS, MINI_PER_TAR, MINI_BENCH = 4, 16, 24  # the miniature world's source and scenes benchmark
+MINI_TARS, MINI_PER_TAR, MINI_BENCH = 4, 16, 96  # the miniature world's source and scenes benchmark
 
 
 def is_mini(run: Run) -> bool:

@@ -40,8 +40,14 @@ TEXTURES = ("plain", "striped", "dotted")
 BACKGROUNDS = ("grass", "sand", "water", "concrete")
 CLASS_LINES = ["background, " + ", ".join(BACKGROUNDS)] + [f"{c} {s}" for c in COLOURS for s in SHAPES]
 
-# The benchmark's image sizes (W, H): several resolutions and aspect ratios, all far above the window.
-BENCH_SIZES: tuple[tuple[int, int], ...] = ((384, 192), (320, 240), (288, 288), (240, 320), (384, 288), (352, 208))
+# The benchmark's native image sizes (W, H): long side 512 in several aspect ratios, so the keep-ratio
+# resize of the mini recipe (128, 96) takes every one to 1/4 of its size (its scale 1) and scale 4 is
+# the native resolution, as Cityscapes at 2048×1024 is 4× the 512×256 a 512-window ViT is at home at.
+BENCH_SIZES: tuple[tuple[int, int], ...] = ((512, 384), (512, 256), (384, 512), (512, 320), (512, 288), (448, 448))
+# Objects in the benchmark and the source tars, native pixels: 16–25 px at scale 1 (2–3 patches of 8),
+# 64–100 px at scale 4 (the window's size): the objects grow with the image, as in the paper's Fig. 3.
+NATIVE_OBJECTS: tuple[int, int] = (64, 101)
+NATIVE_DENSITY = 20000  # native pixels per object
 
 
 @dataclass(frozen=True)
@@ -193,12 +199,19 @@ def make_scene(seed: int, index: int, size: tuple[int, int] = (64, 64), n_object
 
 # ---- writers --------------------------------------------------------------------------
 def _source_size(seed: int, image_id: int) -> tuple[int, int]:
-    """SA-1B-like (W, H): mostly landscape 3:2 or 4:3, some portrait, long side 256–384."""
+    """SA-1B-like (W, H): mostly landscape 3:2 or 4:3, some portrait, long side 448–576 (the benchmark's
+    native scale: SA-1B's photos are larger than the training scale too)."""
     rng = np.random.default_rng([seed, image_id, 7])
-    long = int(rng.integers(16, 25)) * 16
+    long = int(rng.integers(28, 37)) * 16
     ratio = float(rng.choice([1.5, 4 / 3, 1.0, 16 / 9]))
-    short = max(128, int(long / ratio) // 16 * 16)
+    short = max(256, int(long / ratio) // 16 * 16)
     return (long, short) if rng.random() < 0.8 else (short, long)
+
+
+def _crowd(w: int, h: int) -> tuple[int, int]:
+    """Object count range for a native (W, H): about one object per NATIVE_DENSITY pixels."""
+    k = w * h // NATIVE_DENSITY
+    return max(2, k - 4), k + 2
 
 
 def make_scene_tar(path: str | Path, ids: Sequence[int], seed: int = 0, size: tuple[int, int] | None = None) -> Path:
@@ -213,8 +226,7 @@ def make_scene_tar(path: str | Path, ids: Sequence[int], seed: int = 0, size: tu
     with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tf:
         for i in ids:
             w, h = size or _source_size(seed, i)
-            k = w * h // 6000  # about the benchmark's density, objects at the training scale
-            sc = make_scene(seed, i, (w, h), n_objects=(max(2, k - 4), k + 2))
+            sc = make_scene(seed, i, (w, h), n_objects=_crowd(w, h), object_size=NATIVE_OBJECTS)
             add_member(tf, f"sa_{i}.jpg", encode(Image.fromarray(sc.image), "JPEG", quality=95))
             anns = [{"id": i * 100 + k, "bbox": [round(o.centre[0] - o.size / 2, 1), round(o.centre[1] - o.size / 2, 1),
                                                  o.size, o.size], "area": o.visible, "category": CLASS_LINES[o.label]}
@@ -235,9 +247,8 @@ def make_scene_source(folder: str | Path, n_tars: int = 3, per_tar: int = 12, se
 def make_scene_benchmark(root: str | Path, n: int = 24, seed: int = 1000,
                          sizes: Sequence[tuple[int, int]] = BENCH_SIZES) -> Path:
     """The ``scenes`` benchmark under ``root/scenes`` in an mmseg layout (images/val/*.png,
-    annotations/val/*.png, single-channel ids 0…20): ``n`` scenes cycling through ``sizes``,
-    with about one object per 6000 pixels at the training scale (24–60 px, as in pretraining).
-    Returns ``root``."""
+    annotations/val/*.png, single-channel ids 0…20): ``n`` scenes cycling through ``sizes`` (native),
+    about one object per NATIVE_DENSITY pixels, NATIVE_OBJECTS in size. Returns ``root``."""
     from PIL import Image
 
     base = Path(root) / "scenes"
@@ -245,8 +256,7 @@ def make_scene_benchmark(root: str | Path, n: int = 24, seed: int = 1000,
     (base / "annotations" / "val").mkdir(parents=True, exist_ok=True)
     for i in range(n):
         w, h = sizes[i % len(sizes)]
-        k = w * h // 6000
-        sc = make_scene(seed, i, (w, h), n_objects=(max(2, k - 4), k + 2))
+        sc = make_scene(seed, i, (w, h), n_objects=_crowd(w, h), object_size=NATIVE_OBJECTS)
         Image.fromarray(sc.image).save(base / "images" / "val" / f"scene_{i:04d}.png")
         Image.fromarray(sc.label, mode="L").save(base / "annotations" / "val" / f"scene_{i:04d}.png")
     return Path(root)

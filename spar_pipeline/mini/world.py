@@ -7,7 +7,8 @@ generated SA-1B-layout tars of scenes), then ``evaluate`` on a generated ``scene
 several keep-ratio resolutions, and prints one Markdown table (also written to WORK/table.md
 and WORK/rows.json); its seconds per image are end to end (``predict_seconds``: the whole
 ``segment.predict``, not the paper's forward-only timing), the fastest of 5 passes on one benchmark
-image (its first: 384×192 before the resize), because a shared CPU makes one timed pass noisy. Everything resumes: a second call reuses the run and only re-evaluates.
+image (its first: 512×384 before the resize), because a shared CPU makes one timed pass noisy.
+Everything resumes: a second call reuses the run and only re-evaluates.
 
     nice -n 10 spar-pipeline mini-world --work runs/mini-world   # or: python -m spar_pipeline.mini.world
 """
@@ -26,8 +27,9 @@ __all__ = ["main", "retime", "SCALES", "table"]
 
 log = logging.getLogger(__name__)
 
-# Keep-ratio resize scales: 0.5×, 1× (objects at the pixel size of pretraining) and 2×.
-SCALES: tuple[tuple[int, int], ...] = ((192, 144), (384, 288), (768, 576))
+# Keep-ratio resize scales of the benchmark: 1× (objects 16–25 px), 2× and 4× (its native images, objects
+# 64–100 px, the window's size): the mini recipe's [evaluate] resize × 1, 2, 4.
+SCALES: tuple[tuple[int, int], ...] = ((128, 96), (256, 192), (512, 384))
 
 
 def _recipe_at(recipe, scale: tuple[int, int]):
@@ -80,8 +82,8 @@ def table(rows: Sequence[dict], scales: Sequence[tuple[int, int]], chance: float
     return "\n".join(lines) + "\n"
 
 
-def main(work: str | Path = "runs/mini-world", bench_images: int = 12, n_tars: int = 4, per_tar: int = 16,
-         seed: int = 0, scales: Sequence[tuple[int, int]] = SCALES, strides: Sequence[int] = (8, 32)) -> str:
+def main(work: str | Path = "runs/mini-world", bench_images: int = 96, n_tars: int = 4, per_tar: int = 16,
+         seed: int = 0, scales: Sequence[tuple[int, int]] = SCALES, strides: Sequence[int] = (12, 32)) -> str:
     """Build the world under ``work``, run the mini recipe, evaluate, return the Markdown table."""
     from spar_pipeline import augment, evaluate, extract, ingest, train
     from spar_pipeline.mini.scenes import make_scene_benchmark, make_scene_source
