@@ -249,8 +249,8 @@ def test_qualitative_pictures_drawn_once_and_again_when_the_student_changes(tmp_
     from spar_pipeline.resources import stages_dir
 
     # the mini recipe evaluated small, with a coarse teacher: six windows an image, so the models run quickly
-    text = (stages_dir() / "mini.toml").read_text().replace("stride = 8 ", "stride = 32 ")
-    text = text.replace("resize = [384, 288]", "resize = [128, 96]").replace("strides = [8, 32]", "strides = [32]")
+    text = (stages_dir() / "mini.toml").read_text().replace("stride = 12 ", "stride = 32 ")
+    text = text.replace("strides = [12, 32]", "strides = [32]")
     (tmp_path / "small.toml").write_text(text)
     run = Run(str(tmp_path / "pics"))
     assert run.resolve_recipe(str(tmp_path / "small.toml")).extract.stride == 32
