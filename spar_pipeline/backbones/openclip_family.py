@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from spar_pipeline.backbones.base import Backbone
 
-__all__ = ["SiglipBackbone", "MaskClipBackbone"]
+__all__ = ["SiglipBackbone", "MaskClipBackbone", "attention_pool_bypass"]
 
 
 class _OpenClipText:
@@ -65,13 +65,16 @@ class SiglipBackbone(_OpenClipText, Backbone):
         tokens = tokens + grid.to(pos.dtype).permute(0, 2, 3, 1).reshape(1, gh * gw, -1)
         tokens = t.norm_pre(t.patch_drop(t.pos_drop(tokens)))
         tokens = t.norm(t.blocks(tokens))
-        # Attention-pool bypass: each token receives its own value (no latent query, no q/k).
-        pool = t.attn_pool
-        D = tokens.shape[-1]
-        v = pool.kv(tokens).reshape(B, gh * gw, 2, D)[:, :, 1]
-        v = pool.proj_drop(pool.proj(v))
-        v = v + pool.mlp(pool.norm(v))
-        return v.reshape(B, gh, gw, -1)
+        return attention_pool_bypass(t.attn_pool, tokens).reshape(B, gh, gw, -1)
+
+
+def attention_pool_bypass(pool: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """SigLIP2's dense head on final tokens [B, N, D]: the MAP head with each token receiving its own value
+    (no latent query, no q/k); shared by ``SiglipBackbone.dense`` and mini-clip's pretraining."""
+    B, N, D = tokens.shape
+    v = pool.kv(tokens).reshape(B, N, 2, D)[:, :, 1]
+    v = pool.proj_drop(pool.proj(v))
+    return v + pool.mlp(pool.norm(v))
 
 
 class MaskClipBackbone(_OpenClipText, Backbone):

@@ -105,12 +105,11 @@ def _phrases() -> list[str]:
 def _image_and_dense(model, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One trunk pass: the pooled image embedding (open_clip's encode_image) and the dense tokens the
     pipeline reads (the attention-pool bypass of ``SiglipBackbone.dense``), [B, N, D]."""
+    from spar_pipeline.backbones.openclip_family import attention_pool_bypass
+
     t = model.visual.trunk
     tokens = t.forward_features(x)
-    pool = t.attn_pool
-    D = tokens.shape[-1]
-    v = pool.proj_drop(pool.proj(pool.kv(tokens).reshape(*tokens.shape[:2], 2, D)[:, :, 1]))
-    return t.forward_head(tokens), v + pool.mlp(pool.norm(v))
+    return t.forward_head(tokens), attention_pool_bypass(t.attn_pool, tokens)
 
 
 def _lr(step: int, steps: int) -> float:
@@ -137,7 +136,8 @@ def main(out: str | Path = "mini-clip.safetensors", seed: int = 0, minutes: floa
     t0 = time.perf_counter()
     images, under, base = _pool(seed, pool, K, b.patch_size)
     tpl = templates()
-    caps, negs = _captions(seed, base, templates())
+    caps, negs = _captions(seed, base, tpl)
+    phrase_tokens = [b.tokenizer([t.format(p) for p in _phrases()]) for t in tpl]  # the dense term's, per template
     tokens, neg_tokens = b.tokenizer(caps), b.tokenizer(negs)
     log.info("pretrain-mini: %d scenes generated in %.0f s", pool, time.perf_counter() - t0)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "token_embedding" not in n]
@@ -173,8 +173,7 @@ def main(out: str | Path = "mini-clip.safetensors", seed: int = 0, minutes: floa
                 + torch.sum(-to_image * logits[:, :BATCH].T.log_softmax(1), 1).mean()) / 2
         # Dense alignment (as SigLIP 2 and TIPS add to CLIP's loss): each patch token against the phrases,
         # its own (the object or background under its centre) the positive; one template per step.
-        t = tpl[step % len(tpl)]
-        words = F.normalize(model.encode_text(b.tokenizer([t.format(p) for p in _phrases()])), dim=-1)
+        words = F.normalize(model.encode_text(phrase_tokens[step % len(tpl)]), dim=-1)
         patch_logits = DENSE_SCALE * F.normalize(dense, dim=-1) @ words.T  # [B, N, phrases]
         loss = loss + DENSE_WEIGHT * F.cross_entropy(patch_logits.flatten(0, 1), target.flatten())
         opt.zero_grad(set_to_none=True)
