@@ -12,7 +12,7 @@ import io
 
 import pytest
 
-from spar_pipeline.study import figures, tables
+from spar_pipeline.study import figures, scale_tables, tables
 from spar_pipeline.study.inputs import Student, Study
 
 SETTINGS = dict(teacher="default", trainable="blk_-1,blk_-2", images="all", lr=1e-4, epochs=3)
@@ -48,7 +48,7 @@ def _cells(table: tables.Table, label: str) -> list[str]:
 
 
 def test_scale_table_folds_a_seed_group_beside_its_seeds():
-    t = tables.scale_table(_study())
+    t = scale_tables.scale_table(_study())
     names = [r[0] for r in t.rows]
     assert {"default", "default-seed1", "default-seed2", "blk1"} <= set(names)  # the per-seed rows stay
     folded = _cells(t, "default (3 seeds)")
@@ -60,12 +60,12 @@ def test_scale_table_folds_a_seed_group_beside_its_seeds():
 
 
 def test_scale_table_says_how_many_seeds_a_scale_had():
-    folded = _cells(tables.scale_table(_study(drop=("default-seed2", 4.0))), "default (3 seeds)")
+    folded = _cells(scale_tables.scale_table(_study(drop=("default-seed2", 4.0))), "default (3 seeds)")
     assert folded[4] == "15.50 ± 2.12 (n=2)"  # 14 and 17
 
 
 def test_gap_recovered_per_scale_by_hand():
-    t = tables.gap_table(_study())
+    t = scale_tables.gap_table(_study())
     assert t.header == ["row", "@1", "@2", "@4"]
     assert _cells(t, "pretrained single pass")[1:] == ["20.00", "18.00", "15.00"]
     # the teacher's stride 8 was not evaluated at 4x: the finest stride there (16, not 32) stands in, and says so
@@ -77,21 +77,21 @@ def test_gap_recovered_per_scale_by_hand():
     rec = _cells(t, "default (3 seeds): gap recovered")[1:]
     assert rec[0] == "80.0 ± 10.0 %"
     assert rec[1] == "108.3 ± 8.3 %"
-    assert rec[2] == f"66.7 ± 100.0 % {tables.WITHIN_SPREAD}"  # the lead 3 is no larger than the seeds' std 3
+    assert rec[2] == f"66.7 ± 100.0 % {scale_tables.WITHIN_SPREAD}"  # the lead 3 is no larger than the seeds' std 3
     versus = _cells(t, "default (3 seeds): − sliding teacher")[1:]
     assert versus[0] == "-2.00 ± 1.00"  # below the teacher by more than the spread: no mark
-    assert versus[1] == f"+1.00 ± 1.00 surpasses {tables.WITHIN_SPREAD}"
-    assert versus[2] == f"-1.00 ± 3.00 {tables.WITHIN_SPREAD}"
+    assert versus[1] == f"+1.00 ± 1.00 surpasses {scale_tables.WITHIN_SPREAD}"
+    assert versus[2] == f"-1.00 ± 3.00 {scale_tables.WITHIN_SPREAD}"
     # one student alone: its spread is unknown, and said
-    assert _cells(t, "blk1: gap recovered")[1:] == [f"50.0 % {tables.ONE_SEED}", f"50.0 % {tables.ONE_SEED}",
-                                                    f"33.3 % {tables.ONE_SEED}"]
-    assert _cells(t, "blk1: − sliding teacher")[1] == f"-5.00 {tables.ONE_SEED}"
+    assert _cells(t, "blk1: gap recovered")[1:] == [f"50.0 % {scale_tables.ONE_SEED}", f"50.0 % {scale_tables.ONE_SEED}",
+                                                    f"33.3 % {scale_tables.ONE_SEED}"]
+    assert _cells(t, "blk1: − sliding teacher")[1] == f"-5.00 {scale_tables.ONE_SEED}"
     assert not any(r[0].startswith("default-seed1") for r in t.rows)  # seeds appear only folded
-    assert tables.WITHIN_SPREAD in t.note and tables.ONE_SEED in t.note
+    assert scale_tables.WITHIN_SPREAD in t.note and scale_tables.ONE_SEED in t.note
 
 
 def test_gap_recovered_counts_the_seeds_of_each_scale():
-    t = tables.gap_table(_study(drop=("default-seed2", 4.0)))
+    t = scale_tables.gap_table(_study(drop=("default-seed2", 4.0)))
     rec = _cells(t, "default (3 seeds): gap recovered")
     # 4x: 14 and 17 against single 15, lead 3: -33.3 and 66.7 %; the lead 3 > std 2.12: no mark
     assert rec[3] == "16.7 ± 70.7 % (2 of 3 seeds)"
@@ -100,14 +100,14 @@ def test_gap_recovered_counts_the_seeds_of_each_scale():
 def test_gap_table_needs_two_scales_and_a_student():
     one_scale = _study()
     one_scale.rows = [r for r in one_scale.rows if r["scale"] == 1.0]
-    assert tables.gap_table(one_scale) is None
+    assert scale_tables.gap_table(one_scale) is None
     no_student = _study()
     no_student.rows = [r for r in no_student.rows if r["model"] == "pretrained"]
     no_student.students = []
-    assert tables.gap_table(no_student) is None
+    assert scale_tables.gap_table(no_student) is None
     no_sliding = _study()
     no_sliding.rows = [r for r in no_sliding.rows if r["mode"] == "single"]
-    assert tables.gap_table(no_sliding) is None
+    assert scale_tables.gap_table(no_sliding) is None
 
 
 def test_the_gap_table_reaches_tables_md_and_csv():
@@ -118,7 +118,7 @@ def test_the_gap_table_reaches_tables_md_and_csv():
     md = tables.to_markdown(made)
     assert "## Gap recovered against scale" in md
     assert f"| default (3 seeds): gap recovered | 80.0 ± 10.0 % | 108.3 ± 8.3 % | 66.7 ± 100.0 % " \
-           f"{tables.WITHIN_SPREAD} |" in md
+           f"{scale_tables.WITHIN_SPREAD} |" in md
     cells = list(csv.DictReader(io.StringIO(tables.to_csv(made))))
     gap = [c for c in cells if c["table"] == "Gap recovered against scale" and c["column"] == "@4"]
     assert "18.00 (s=16)" in {c["value"] for c in gap}
