@@ -90,7 +90,7 @@ def run_all(
     if not datasets and demo.is_mini(run) and "scenes" in run.recipe.evaluate.datasets:
         datasets = demo.embedded_benchmark(run)
     if datasets:
-        from spar_pipeline import evaluate, weights
+        from spar_pipeline import evaluate
 
         # [evaluate] scales besides 1.0 (Fig. 3): pretrained single pass, sliding at scale_strides only and the
         # single pass of the default student and its other seeds (the figure's band), what the figure compares:
