@@ -23,13 +23,15 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["main", "retime", "SCALES", "table"]
+__all__ = ["main", "retime", "scales_of", "table"]
 
 log = logging.getLogger(__name__)
 
-# Keep-ratio resize scales of the benchmark: 1× (objects 16–25 px), 2× and 4× (its native images, objects
-# 64–100 px, the window's size): the mini recipe's [evaluate] resize × 1, 2, 4.
-SCALES: tuple[tuple[int, int], ...] = ((128, 96), (256, 192), (512, 384))
+
+def scales_of(recipe) -> list[tuple[int, int]]:
+    """The keep-ratio resize sizes the table is evaluated at: the recipe's [evaluate] resize × each of its
+    ``scales`` (mini: 1× with objects 16–25 px, 2×, and 4×, the benchmark's native images)."""
+    return [tuple(round(x * f) for x in recipe.evaluate.resize) for f in recipe.evaluate.scales]
 
 
 def _recipe_at(recipe, scale: tuple[int, int]):
@@ -83,8 +85,9 @@ def table(rows: Sequence[dict], scales: Sequence[tuple[int, int]], chance: float
 
 
 def main(work: str | Path = "runs/mini-world", bench_images: int = 96, n_tars: int = 4, per_tar: int = 16,
-         seed: int = 0, scales: Sequence[tuple[int, int]] = SCALES, strides: Sequence[int] = (12, 32)) -> str:
-    """Build the world under ``work``, run the mini recipe, evaluate, return the Markdown table."""
+         seed: int = 0, scales: Sequence[tuple[int, int]] | None = None, strides: Sequence[int] | None = None) -> str:
+    """Build the world under ``work``, run the mini recipe, evaluate, return the Markdown table. ``scales``
+    (W, H) and sliding ``strides``: default the recipe's (``scales_of``, ``[evaluate] strides``)."""
     from spar_pipeline import augment, evaluate, extract, ingest, train
     from spar_pipeline.mini.scenes import make_scene_benchmark, make_scene_source
     from spar_pipeline.run import Run
@@ -96,6 +99,7 @@ def main(work: str | Path = "runs/mini-world", bench_images: int = 96, n_tars: i
         make_scene_benchmark(bench_root, n=bench_images, seed=1000 + seed)
     run = Run(str(work / "run"))
     recipe = run.resolve_recipe("mini")
+    scales, strides = scales or scales_of(recipe), strides or recipe.evaluate.strides
     tars = make_scene_source(work / "source", n_tars, per_tar, seed) if not (work / "source").is_dir() else \
         sorted(str(p) for p in (work / "source").glob("sa_*.tar"))
     ingest.run(run, tars)
