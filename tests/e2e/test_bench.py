@@ -32,7 +32,7 @@ def results(tmp_path, monkeypatch):
 
 
 def test_every_measure_has_a_bench():
-    assert {"extract", "flops", "store", "train", "inference", "memory", "projection", "levers", "read"} <= set(
+    assert {"extract", "flops", "store", "train", "inference", "memory", "projection", "levers", "read", "gap"} <= set(
         bench_main.available())
 
 
@@ -111,3 +111,28 @@ def test_quant_store_errors_on_an_existing_store(tmp_path):
     FeatureStore.create(str(tmp_path / "empty.zarr"), {"digest": "d"})
     with pytest.raises(StoreError, match="no maps"):
         bench_quant.store_errors(str(tmp_path / "empty.zarr"))
+
+
+def test_gap_bench_windows_at_token_level():
+    """bench gap's per-block measure: one window covering the image is the single pass itself (no
+    error); on a larger image the single pass parts from the windows, and every block is measured."""
+    import torch
+
+    from bench import bench_gap
+
+    b = common.backbone("tiny-siglip")
+    x = torch.randn(1, 3, 64, 64)
+    one = bench_gap.divergence(bench_gap.block_tokens(b, x), bench_gap.windowed_block_tokens(b, x))
+    assert len(one) == len(b.trunk.blocks) and all(err < 1e-6 * var and var > 0 for err, var in one)
+    x = torch.randn(1, 3, 96, 160)
+    win = bench_gap.windowed_block_tokens(b, x, stride_patches=1)
+    assert [w.shape[:2] for w in win] == [(6, 10)] * len(b.trunk.blocks)
+    big = bench_gap.divergence(bench_gap.block_tokens(b, x), win)
+    assert all(err > 1e-4 * var for err, var in big[1:])  # attention over 60 tokens, not 16: the blocks differ
+
+
+def test_gap_bench_without_a_run_says_so(tmp_path, monkeypatch, results):
+    from bench import bench_gap
+
+    monkeypatch.setenv("SPAR_GAP_RUN", str(tmp_path / "none"))
+    assert "no student 'default'" in bench_gap.main(quick=True)["skipped"]

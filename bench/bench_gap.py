@@ -1,0 +1,151 @@
+"""Why the miniature world's student does not close the teacher's lead: two measures on a finished
+`make demo` run (or the run ``SPAR_GAP_RUN`` names, student ``SPAR_GAP_STUDENT``, default "default");
+figures in bench/NOTES.md. Writes bench/results/gap.json.
+
+    python -m bench gap [--quick]
+
+1. **MSE is not the margin.** On benchmark images at one scale: mIoU and MSE (to the stitched
+   teacher map) of the teacher moved part of the way towards the student, T + a(S - T), and towards
+   the pretrained single pass, T + a(P - T). Equal MSE, unequal mIoU says where the student's error lies.
+2. **Where one pass parts from the windows.** Per block, the single pass's tokens against the same
+   block's tokens of the K-pixel windows (token-aligned stride, averaged per token), as a share of the
+   windows' token variance: the frozen blocks' share is what the unfrozen ones start from.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from bench.common import save
+
+ALPHAS = (0.25, 0.5, 0.75)
+
+
+def block_tokens(backbone, x: torch.Tensor) -> list[torch.Tensor]:
+    """Each trunk block's output tokens [B, gh, gw, D] of ``backbone.dense(x)`` (forward hooks)."""
+    blocks = backbone.trunk.blocks
+    B, _, H, W = x.shape
+    gh, gw = -(-H // backbone.patch_size), -(-W // backbone.patch_size)
+    outs: list[torch.Tensor] = []
+    hooks = [b.register_forward_hook(lambda _m, _i, o: outs.append(o.reshape(B, gh, gw, -1))) for b in blocks]
+    try:
+        backbone.dense(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return outs
+
+
+def windowed_block_tokens(backbone, x: torch.Tensor, stride_patches: int = 2) -> list[torch.Tensor]:
+    """Per block, tokens [gh, gw, D] of windows of ``backbone.window`` at a stride of whole patches,
+    averaged over the windows holding each token (the teacher's stitching, at token level)."""
+    P, K = backbone.patch_size, backbone.window
+    _, _, H, W = x.shape
+    k, s = K // P, stride_patches
+    gh, gw = H // P, W // P
+    tops = list(range(0, max(gh - k, 0) + 1, s))
+    lefts = list(range(0, max(gw - k, 0) + 1, s))
+    tops += [gh - k] if tops[-1] != gh - k and gh > k else []
+    lefts += [gw - k] if lefts[-1] != gw - k and gw > k else []
+    boxes = [(t, l) for t in tops for l in lefts]
+    crops = torch.cat([x[..., t * P:t * P + K, l * P:l * P + K] for t, l in boxes])
+    per_block = block_tokens(backbone, crops)
+    count = torch.zeros(gh, gw, 1)
+    sums = [torch.zeros(gh, gw, o.shape[-1]) for o in per_block]
+    for j, (t, l) in enumerate(boxes):
+        count[t:t + k, l:l + k] += 1
+        for acc, o in zip(sums, per_block):
+            acc[t:t + k, l:l + k] += o[j].float()
+    return [acc / count for acc in sums]
+
+
+def divergence(single: list[torch.Tensor], windows: list[torch.Tensor]) -> list[tuple[float, float]]:
+    """Per block (squared error of the single pass to the windows, the windows' token variance), summed
+    over the image's tokens; their ratio is the share of the variance one pass gets wrong."""
+    out = []
+    for s, w in zip(single, windows):
+        s = s[0, :w.shape[0], :w.shape[1]].float()
+        out.append((float(((s - w) ** 2).sum()), float(((w - w.mean((0, 1))) ** 2).sum())))
+    return out
+
+
+def _miou_of(maps, bench, n, emb, index, ds) -> float:
+    from spar_pipeline.metrics import SegMetric
+    from spar_pipeline.segment import postprocess
+
+    metric = SegMetric(bench.num_classes)
+    for i, f in zip(range(n), maps):
+        _, gt, _ = bench[i]
+        cos = torch.einsum("hwd,qd->qhw", F.normalize(f, dim=-1), emb)
+        cos = F.interpolate(cos[None], size=gt.shape[:2], mode="bilinear", align_corners=False)[0]
+        metric.update(postprocess(cos, index, ds).numpy(), gt)
+    return float(metric.compute()["miou"])
+
+
+@torch.no_grad()
+def measure(run_dir: str, student: str = "default", n: int = 24, scale: float = 2.0, n_blocks: int = 8) -> dict:
+    """Both measures for ``student`` of the mini run ``run_dir`` at ``scale`` × the recipe's resize."""
+    from spar_pipeline.backbones import build
+    from spar_pipeline.datasets import get_dataset, resize_scale, templates
+    from spar_pipeline.evaluate import scaled
+    from spar_pipeline.run import Run
+    from spar_pipeline.segment import normalise, resize_image
+    from spar_pipeline.weights import resolve_checkpoint
+    from spar_pipeline.windows import sliding_features
+
+    run = Run(run_dir)
+    recipe = run.recipe
+    cfg, stride = recipe.evaluate, recipe.extract.stride
+    bench = get_dataset("scenes", str(Path(run_dir) / "bench" / "scenes"))
+    n = min(n, len(bench))
+    pre = build(recipe.recipe.backbone, recipe.recipe.checkpoint or None)
+    stu = build(recipe.recipe.backbone, resolve_checkpoint(run, student))
+    emb, index = pre.class_embeddings(bench.class_lines, templates())
+    size, ds = scaled(resize_scale("scenes", cfg), scale), cfg.datasets["scenes"]
+    maps = {"teacher": [], "pretrained": [], "student": []}
+    blocks = {"pretrained": None, "student": None}
+    for i in range(n):
+        image, _, _ = bench[i]
+        x = normalise(pre, resize_image(image, size))
+        maps["teacher"].append(sliding_features(pre, x, window=pre.window, stride=stride, batch=64).float())
+        maps["pretrained"].append(pre.dense(x)[0].float())
+        maps["student"].append(stu.dense(x)[0].float())
+        if i < n_blocks:
+            crop = x[..., :x.shape[2] // pre.patch_size * pre.patch_size, :x.shape[3] // pre.patch_size * pre.patch_size]
+            win = windowed_block_tokens(pre, crop)
+            for name, model in (("pretrained", pre), ("student", stu)):
+                d = divergence(block_tokens(model, crop), win)
+                blocks[name] = d if blocks[name] is None else [(a + c, b + e) for (a, b), (c, e) in zip(blocks[name], d)]
+
+    def mse(fs) -> float:
+        return sum(float(((f - t) ** 2).mean()) for f, t in zip(fs, maps["teacher"])) / n
+
+    rows = {name: {"miou": _miou_of(maps[name], bench, n, emb, index, ds), "mse": mse(maps[name])} for name in maps}
+    for a in ALPHAS:
+        for name in ("student", "pretrained"):
+            mixed = [t + a * (f - t) for t, f in zip(maps["teacher"], maps[name])]
+            rows[f"teacher+{a}({name}-teacher)"] = {"miou": _miou_of(mixed, bench, n, emb, index, ds), "mse": mse(mixed)}
+    share = {name: [round(e / v, 3) for e, v in d] for name, d in blocks.items()}
+    return {"run": run_dir, "student": student, "images": n, "scale": scale, "maps": rows,
+            "block_error_share": share, "block_images": min(n, n_blocks)}
+
+
+def main(quick: bool = False) -> dict:
+    run_dir = os.environ.get("SPAR_GAP_RUN", "runs/demo")
+    student = os.environ.get("SPAR_GAP_STUDENT", "default")
+    if not (Path(run_dir) / "students" / student / "checkpoints" / "best.safetensors").is_file():  # local runs
+        print(f"gap: no student {student!r} in {run_dir} (run `make demo` first, or set SPAR_GAP_RUN); skipped")
+        return {"skipped": f"no student {student!r} in {run_dir}"}
+    out = {}
+    for scale in ((2.0,) if quick else (2.0, 4.0)):
+        r = measure(run_dir, student, n=8 if quick else 24, scale=scale, n_blocks=4 if quick else 8)
+        print(f"scale {scale:g} ({r['images']} images): " + "; ".join(
+            f"{k} mIoU {v['miou']:.2f} MSE {v['mse']:.4f}" for k, v in r["maps"].items()))
+        for name, share in r["block_error_share"].items():
+            print(f"  {name}: share of the windows' token variance one pass gets wrong, per block: {share}")
+        out[f"scale_{scale:g}"] = r
+    return save("gap", out)
