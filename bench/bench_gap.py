@@ -9,7 +9,9 @@ figures in bench/NOTES.md. Writes bench/results/gap.json.
    the pretrained single pass, T + a(P - T). Equal MSE, unequal mIoU says where the student's error lies.
 2. **Where one pass parts from the windows.** Per block, the single pass's tokens against the same
    block's tokens of the K-pixel windows (token-aligned stride, averaged per token), as a share of the
-   windows' token variance: the frozen blocks' share is what the unfrozen ones start from.
+   windows' token variance: the frozen blocks' share is what the unfrozen ones start from. And the
+   windows' own tokens up to block L, then the remaining pretrained blocks in one pass: which blocks
+   lose what the windows give.
 """
 
 from __future__ import annotations
@@ -63,6 +65,20 @@ def windowed_block_tokens(backbone, x: torch.Tensor, stride_patches: int = 2) ->
     return [acc / count for acc in sums]
 
 
+def windows_then_one_pass(backbone, windowed: list[torch.Tensor], after: int) -> torch.Tensor:
+    """Dense map [gh, gw, D]: the windows' tokens after block ``after`` (1-based), then the remaining
+    blocks, the final norm and the dense head in one pass over the image; ``after`` = depth is the
+    windows all the way, at token level."""
+    from spar_pipeline.backbones.openclip_family import attention_pool_bypass
+
+    t = backbone.trunk
+    gh, gw = windowed[0].shape[:2]
+    tok = windowed[after - 1].reshape(1, gh * gw, -1)
+    for blk in t.blocks[after:]:
+        tok = blk(tok)
+    return attention_pool_bypass(t.attn_pool, t.norm(tok)).reshape(gh, gw, -1).float()
+
+
 def divergence(single: list[torch.Tensor], windows: list[torch.Tensor]) -> list[tuple[float, float]]:
     """Per block (squared error of the single pass to the windows, the windows' token variance), summed
     over the image's tokens; their ratio is the share of the variance one pass gets wrong."""
@@ -108,6 +124,8 @@ def measure(run_dir: str, student: str = "default", n: int = 24, scale: float = 
     size, ds = scaled(resize_scale("scenes", cfg), scale), cfg.datasets["scenes"]
     maps = {"teacher": [], "pretrained": [], "student": []}
     blocks = {"pretrained": None, "student": None}
+    depth = len(pre.trunk.blocks)
+    oracle: dict[int, list[torch.Tensor]] = {L: [] for L in (2, depth - 2, depth)}
     for i in range(n):
         image, _, _ = bench[i]
         x = normalise(pre, resize_image(image, size))
@@ -117,6 +135,8 @@ def measure(run_dir: str, student: str = "default", n: int = 24, scale: float = 
         if i < n_blocks:
             crop = x[..., :x.shape[2] // pre.patch_size * pre.patch_size, :x.shape[3] // pre.patch_size * pre.patch_size]
             win = windowed_block_tokens(pre, crop)
+            for L, fs in oracle.items():
+                fs.append(windows_then_one_pass(pre, win, L))
             for name, model in (("pretrained", pre), ("student", stu)):
                 d = divergence(block_tokens(model, crop), win)
                 blocks[name] = d if blocks[name] is None else [(a + c, b + e) for (a, b), (c, e) in zip(blocks[name], d)]
@@ -130,8 +150,11 @@ def measure(run_dir: str, student: str = "default", n: int = 24, scale: float = 
             mixed = [t + a * (f - t) for t, f in zip(maps["teacher"], maps[name])]
             rows[f"teacher+{a}({name}-teacher)"] = {"miou": _miou_of(mixed, bench, n, emb, index, ds), "mse": mse(mixed)}
     share = {name: [round(e / v, 3) for e, v in d] for name, d in blocks.items()}
+    k = min(n, n_blocks)
+    after = {"0 (single pass)": _miou_of(maps["pretrained"][:k], bench, k, emb, index, ds)}
+    after |= {str(L): _miou_of(fs, bench, k, emb, index, ds) for L, fs in oracle.items()}
     return {"run": run_dir, "student": student, "images": n, "scale": scale, "maps": rows,
-            "block_error_share": share, "block_images": min(n, n_blocks)}
+            "block_error_share": share, "windows_up_to_block_miou": after, "block_images": k}
 
 
 def main(quick: bool = False) -> dict:
@@ -142,10 +165,12 @@ def main(quick: bool = False) -> dict:
         return {"skipped": f"no student {student!r} in {run_dir}"}
     out = {}
     for scale in ((2.0,) if quick else (2.0, 4.0)):
-        r = measure(run_dir, student, n=8 if quick else 24, scale=scale, n_blocks=4 if quick else 8)
+        r = measure(run_dir, student, n=8 if quick else 24, scale=scale, n_blocks=4 if quick else 16)
         print(f"scale {scale:g} ({r['images']} images): " + "; ".join(
             f"{k} mIoU {v['miou']:.2f} MSE {v['mse']:.4f}" for k, v in r["maps"].items()))
         for name, share in r["block_error_share"].items():
             print(f"  {name}: share of the windows' token variance one pass gets wrong, per block: {share}")
+        print("  pretrained, the windows' tokens up to block L then one pass, mIoU (L: mIoU): "
+              + ", ".join(f"{L}: {m:.2f}" for L, m in r["windows_up_to_block_miou"].items()))
         out[f"scale_{scale:g}"] = r
     return save("gap", out)

@@ -124,6 +124,10 @@ def test_gap_bench_windows_at_token_level():
     x = torch.randn(1, 3, 64, 64)
     one = bench_gap.divergence(bench_gap.block_tokens(b, x), bench_gap.windowed_block_tokens(b, x))
     assert len(one) == len(b.trunk.blocks) and all(err < 1e-6 * var and var > 0 for err, var in one)
+    win = bench_gap.windowed_block_tokens(b, x)
+    for after in range(1, len(b.trunk.blocks) + 1):  # one window: the windows' tokens are the single pass's
+        torch.testing.assert_close(bench_gap.windows_then_one_pass(b, win, after), b.dense(x)[0].float(),
+                                   atol=1e-4, rtol=1e-4)
     x = torch.randn(1, 3, 96, 160)
     win = bench_gap.windowed_block_tokens(b, x, stride_patches=1)
     assert [w.shape[:2] for w in win] == [(6, 10)] * len(b.trunk.blocks)
