@@ -11,7 +11,9 @@ figures in bench/NOTES.md. Writes bench/results/gap.json.
    block's tokens of the K-pixel windows (token-aligned stride, averaged per token), as a share of the
    windows' token variance: the frozen blocks' share is what the unfrozen ones start from. And the
    windows' own tokens up to block L, then the remaining pretrained blocks in one pass: which blocks
-   lose what the windows give.
+   lose what the windows give. Full mode also trains the student's two blocks on the windows' tokens
+   after block 4 and, as the control, on the single pass's (``trained_tail``): how much of the lead
+   two blocks recover when the frozen blocks do not drift.
 """
 
 from __future__ import annotations
@@ -65,18 +67,66 @@ def windowed_block_tokens(backbone, x: torch.Tensor, stride_patches: int = 2) ->
     return [acc / count for acc in sums]
 
 
-def windows_then_one_pass(backbone, windowed: list[torch.Tensor], after: int) -> torch.Tensor:
+def windows_then_one_pass(backbone, windowed: list[torch.Tensor], after: int, blocks=None) -> torch.Tensor:
     """Dense map [gh, gw, D]: the windows' tokens after block ``after`` (1-based), then the remaining
-    blocks, the final norm and the dense head in one pass over the image; ``after`` = depth is the
-    windows all the way, at token level."""
+    blocks (or ``blocks``), the final norm and the dense head in one pass over the image; ``after`` =
+    depth is the windows all the way, at token level."""
+    t = backbone.trunk
+    return _tail(t.blocks[after:] if blocks is None else blocks, t, windowed[after - 1])
+
+
+def _tail(blocks, trunk, tokens: torch.Tensor) -> torch.Tensor:
+    """``blocks`` then the trunk's final norm and the dense head over tokens [gh, gw, D], one pass."""
     from spar_pipeline.backbones.openclip_family import attention_pool_bypass
 
-    t = backbone.trunk
-    gh, gw = windowed[0].shape[:2]
-    tok = windowed[after - 1].reshape(1, gh * gw, -1)
-    for blk in t.blocks[after:]:
-        tok = blk(tok)
-    return attention_pool_bypass(t.attn_pool, t.norm(tok)).reshape(gh, gw, -1).float()
+    gh, gw = tokens.shape[:2]
+    z = tokens.reshape(1, gh * gw, -1)
+    for blk in blocks:
+        z = blk(z)
+    return attention_pool_bypass(trunk.attn_pool, trunk.norm(z)).reshape(gh, gw, -1).float()
+
+
+def trained_tail(run_dir: str, epochs: int = 8, lr: float = 1e-4, seed: int = 0) -> dict:
+    """The student's two blocks trained (AdamW, MSE to the stored teacher maps, float32, the run's
+    split) on two inputs: the windows' tokens after block depth-2 (as if the frozen blocks did not
+    drift) and the single pass's (the recipe's student). Held-out MSE each epoch; the two tails."""
+    import copy
+
+    from spar_pipeline.backbones import build
+    from spar_pipeline.pairs import PairDataset
+    from spar_pipeline.run import Run
+    from spar_pipeline.segment import normalise
+    from spar_pipeline.split import training_items
+
+    run = Run(run_dir)
+    pre = build(run.recipe.recipe.backbone, run.recipe.recipe.checkpoint or None)
+    after = len(pre.trunk.blocks) - 2
+    train, val = training_items(run)
+    pairs = PairDataset(train + val, run.teacher("default").store_url, {}, run.recipe.ingest.max_pixels)
+    data = []
+    with torch.no_grad():
+        for i in range(len(pairs)):
+            _, img, teacher = pairs[i]
+            x = normalise(pre, img.permute(1, 2, 0).numpy())
+            data.append({"windows": windowed_block_tokens(pre, x)[after - 1], "single": block_tokens(pre, x)[after - 1][0],
+                         "teacher": teacher.float()})
+    fit, held = data[:len(train)], data[len(train):]
+    out: dict = {"after_block": after, "train_images": len(fit), "held_out_images": len(held), "epochs": epochs}
+    for inputs in ("windows", "single"):
+        torch.manual_seed(seed)
+        tail = copy.deepcopy(pre.trunk.blocks[after:]).train()
+        opt = torch.optim.AdamW(tail.parameters(), lr=lr, weight_decay=1e-4)
+        curve = []
+        for _ in range(epochs):
+            for j in torch.randperm(len(fit)).tolist():
+                loss = F.mse_loss(_tail(tail, pre.trunk, fit[j][inputs]), fit[j]["teacher"])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            with torch.no_grad():
+                curve.append(sum(float(F.mse_loss(_tail(tail, pre.trunk, d[inputs]), d["teacher"])) for d in held) / len(held))
+        out[inputs] = {"held_out_mse": curve, "tail": tail.eval()}
+    return out
 
 
 def divergence(single: list[torch.Tensor], windows: list[torch.Tensor]) -> list[tuple[float, float]]:
@@ -103,8 +153,10 @@ def _miou_of(maps, bench, n, emb, index, ds) -> float:
 
 
 @torch.no_grad()
-def measure(run_dir: str, student: str = "default", n: int = 24, scale: float = 2.0, n_blocks: int = 8) -> dict:
-    """Both measures for ``student`` of the mini run ``run_dir`` at ``scale`` × the recipe's resize."""
+def measure(run_dir: str, student: str = "default", n: int = 24, scale: float = 2.0, n_blocks: int = 8,
+            tails: dict | None = None) -> dict:
+    """Both measures for ``student`` of the mini run ``run_dir`` at ``scale`` × the recipe's resize;
+    with ``tails`` (``trained_tail``'s), the mIoU of each trained tail on its own inputs too."""
     from spar_pipeline.backbones import build
     from spar_pipeline.datasets import get_dataset, resize_scale, templates
     from spar_pipeline.evaluate import scaled
@@ -126,6 +178,7 @@ def measure(run_dir: str, student: str = "default", n: int = 24, scale: float = 
     blocks = {"pretrained": None, "student": None}
     depth = len(pre.trunk.blocks)
     oracle: dict[int, list[torch.Tensor]] = {L: [] for L in (2, depth - 2, depth)}
+    tail_maps: dict[str, list[torch.Tensor]] = {k: [] for k in ("windows", "single")} if tails else {}
     for i in range(n):
         image, _, _ = bench[i]
         x = normalise(pre, resize_image(image, size))
@@ -137,6 +190,10 @@ def measure(run_dir: str, student: str = "default", n: int = 24, scale: float = 
             win = windowed_block_tokens(pre, crop)
             for L, fs in oracle.items():
                 fs.append(windows_then_one_pass(pre, win, L))
+            if tails:
+                a = tails["after_block"]
+                tail_maps["windows"].append(windows_then_one_pass(pre, win, a, tails["windows"]["tail"]))
+                tail_maps["single"].append(_tail(tails["single"]["tail"], pre.trunk, block_tokens(pre, crop)[a - 1][0]))
             for name, model in (("pretrained", pre), ("student", stu)):
                 d = divergence(block_tokens(model, crop), win)
                 blocks[name] = d if blocks[name] is None else [(a + c, b + e) for (a, b), (c, e) in zip(blocks[name], d)]
@@ -153,8 +210,9 @@ def measure(run_dir: str, student: str = "default", n: int = 24, scale: float = 
     k = min(n, n_blocks)
     after = {"0 (single pass)": _miou_of(maps["pretrained"][:k], bench, k, emb, index, ds)}
     after |= {str(L): _miou_of(fs, bench, k, emb, index, ds) for L, fs in oracle.items()}
+    trained = {f"trained tail on {name} tokens": _miou_of(fs, bench, k, emb, index, ds) for name, fs in tail_maps.items()}
     return {"run": run_dir, "student": student, "images": n, "scale": scale, "maps": rows,
-            "block_error_share": share, "windows_up_to_block_miou": after, "block_images": k}
+            "block_error_share": share, "windows_up_to_block_miou": after | trained, "block_images": k}
 
 
 def main(quick: bool = False) -> dict:
@@ -163,9 +221,17 @@ def main(quick: bool = False) -> dict:
     if not (Path(run_dir) / "students" / student / "checkpoints" / "best.safetensors").is_file():  # local runs
         print(f"gap: no student {student!r} in {run_dir} (run `make demo` first, or set SPAR_GAP_RUN); skipped")
         return {"skipped": f"no student {student!r} in {run_dir}"}
-    out = {}
+    out: dict = {}
+    tails = None
+    if not quick:  # the two-block tails trained on the run's store: about 8 minutes on 2 cores
+        tails = trained_tail(run_dir)
+        for name in ("windows", "single"):
+            print(f"tail after block {tails['after_block']} trained on {name} tokens, held-out MSE per epoch: "
+                  + " ".join(f"{v:.4f}" for v in tails[name]["held_out_mse"]))
+        out["trained_tail"] = {k: ({"held_out_mse": v["held_out_mse"]} if isinstance(v, dict) else v)
+                               for k, v in tails.items()}
     for scale in ((2.0,) if quick else (2.0, 4.0)):
-        r = measure(run_dir, student, n=8 if quick else 24, scale=scale, n_blocks=4 if quick else 16)
+        r = measure(run_dir, student, n=8 if quick else 24, scale=scale, n_blocks=4 if quick else 16, tails=tails)
         print(f"scale {scale:g} ({r['images']} images): " + "; ".join(
             f"{k} mIoU {v['miou']:.2f} MSE {v['mse']:.4f}" for k, v in r["maps"].items()))
         for name, share in r["block_error_share"].items():

@@ -140,3 +140,28 @@ def test_gap_bench_without_a_run_says_so(tmp_path, monkeypatch, results):
 
     monkeypatch.setenv("SPAR_GAP_RUN", str(tmp_path / "none"))
     assert "no student 'default'" in bench_gap.main(quick=True)["skipped"]
+
+
+def test_gap_bench_trains_copies_of_the_two_blocks(tmp_path):
+    """bench gap's trained tails: copies of the last two blocks trained on a real extracted run's store,
+    one held-out MSE per epoch for each input, the pretrained model's own blocks left as they were."""
+    import torch
+
+    from bench import bench_gap
+    from spar_pipeline import extract
+    from spar_pipeline.backbones import build
+
+    from tests._extracted import prepare
+
+    run = prepare(str(tmp_path / "run"), tmp_path / "src", n_tars=1, per_tar=6)
+    extract.run(run, workers=1, progress=False)
+    out = bench_gap.trained_tail(str(tmp_path / "run"), epochs=2)
+    pre = build("tiny-siglip")
+    assert out["after_block"] == len(pre.trunk.blocks) - 2 and out["held_out_images"] >= 1
+    assert out["train_images"] + out["held_out_images"] == 6
+    for name in ("windows", "single"):
+        curve = out[name]["held_out_mse"]
+        assert len(curve) == 2 and all(v > 0 for v in curve)
+        trained = out[name]["tail"].state_dict()
+        before = pre.trunk.blocks[out["after_block"]:].state_dict()
+        assert any(not torch.equal(trained[k], before[k]) for k in before)  # a trained copy, not the original
