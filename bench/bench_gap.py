@@ -191,9 +191,9 @@ def measure(run_dir: str, student: str = "default", n: int = 24, scale: float = 
             for L, fs in oracle.items():
                 fs.append(windows_then_one_pass(pre, win, L))
             if tails:
-                a = tails["after_block"]
-                tail_maps["windows"].append(windows_then_one_pass(pre, win, a, tails["windows"]["tail"]))
-                tail_maps["single"].append(_tail(tails["single"]["tail"], pre.trunk, block_tokens(pre, crop)[a - 1][0]))
+                cut = tails["after_block"]
+                tail_maps["windows"].append(windows_then_one_pass(pre, win, cut, tails["windows"]["tail"]))
+                tail_maps["single"].append(_tail(tails["single"]["tail"], pre.trunk, block_tokens(pre, crop)[cut - 1][0]))
             for name, model in (("pretrained", pre), ("student", stu)):
                 d = divergence(block_tokens(model, crop), win)
                 blocks[name] = d if blocks[name] is None else [(a + c, b + e) for (a, b), (c, e) in zip(blocks[name], d)]
@@ -236,7 +236,7 @@ def main(quick: bool = False) -> dict:
             f"{k} mIoU {v['miou']:.2f} MSE {v['mse']:.4f}" for k, v in r["maps"].items()))
         for name, share in r["block_error_share"].items():
             print(f"  {name}: share of the windows' token variance one pass gets wrong, per block: {share}")
-        print("  pretrained, the windows' tokens up to block L then one pass, mIoU (L: mIoU): "
+        print("  the windows' tokens up to block L, then the pretrained blocks (or a trained tail) in one pass, mIoU: "
               + ", ".join(f"{L}: {m:.2f}" for L, m in r["windows_up_to_block_miou"].items()))
         out[f"scale_{scale:g}"] = r
     return save("gap", out)
