@@ -151,7 +151,7 @@ def test_gap_bench_trains_copies_of_the_two_blocks(tmp_path):
     from spar_pipeline import extract
     from spar_pipeline.backbones import build
 
-    from tests._extracted import prepare
+    from _extracted import prepare  # tests/ is on sys.path (tests/conftest.py)
 
     run = prepare(str(tmp_path / "run"), tmp_path / "src", n_tars=1, per_tar=6)
     extract.run(run, workers=1, progress=False)
