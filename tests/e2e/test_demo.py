@@ -12,7 +12,7 @@ from spar_pipeline import manifest
 from spar_pipeline.run import Run
 
 
-@pytest.mark.timeout(1200)  # measured 483 s with a 2-thread study alongside, over 600 s beside a benchmark
+@pytest.mark.timeout(1200)  # measured 483 s beside a 2-thread study, 726 s alone on a slower day, > 600 s beside a bench
 def test_mini_demo_spar_beats_single_pass_and_reports_forward_times(tmp_path, monkeypatch):
     # one torch thread per process: on a busy 2-core CPU torch's default threads oversubscribe it (measured:
     # the demo 3 min 59 s with it, 7 min 28 s without, past the 600 s a test may take with the suite alongside)
