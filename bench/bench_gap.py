@@ -47,15 +47,12 @@ def block_tokens(backbone, x: torch.Tensor) -> list[torch.Tensor]:
 def windowed_block_tokens(backbone, x: torch.Tensor, stride_patches: int = 2) -> list[torch.Tensor]:
     """Per block, tokens [gh, gw, D] of windows of ``backbone.window`` at a stride of whole patches,
     averaged over the windows holding each token (the teacher's stitching, at token level)."""
+    from spar_pipeline.windows import window_starts
+
     P, K = backbone.patch_size, backbone.window
     _, _, H, W = x.shape
-    k, s = K // P, stride_patches
-    gh, gw = H // P, W // P
-    tops = list(range(0, max(gh - k, 0) + 1, s))
-    lefts = list(range(0, max(gw - k, 0) + 1, s))
-    tops += [gh - k] if tops[-1] != gh - k and gh > k else []
-    lefts += [gw - k] if lefts[-1] != gw - k and gw > k else []
-    boxes = [(t, l) for t in tops for l in lefts]
+    k, gh, gw = K // P, H // P, W // P
+    boxes = [(t, l) for t in window_starts(gh, k, stride_patches) for l in window_starts(gw, k, stride_patches)]
     crops = torch.cat([x[..., t * P:t * P + K, l * P:l * P + K] for t, l in boxes])
     per_block = block_tokens(backbone, crops)
     count = torch.zeros(gh, gw, 1)
@@ -188,14 +185,15 @@ def measure(run_dir: str, student: str = "default", n: int = 24, scale: float = 
         if i < n_blocks:
             crop = x[..., :x.shape[2] // pre.patch_size * pre.patch_size, :x.shape[3] // pre.patch_size * pre.patch_size]
             win = windowed_block_tokens(pre, crop)
+            single = {"pretrained": block_tokens(pre, crop), "student": block_tokens(stu, crop)}
             for L, fs in oracle.items():
                 fs.append(windows_then_one_pass(pre, win, L))
             if tails:
                 cut = tails["after_block"]
                 tail_maps["windows"].append(windows_then_one_pass(pre, win, cut, tails["windows"]["tail"]))
-                tail_maps["single"].append(_tail(tails["single"]["tail"], pre.trunk, block_tokens(pre, crop)[cut - 1][0]))
-            for name, model in (("pretrained", pre), ("student", stu)):
-                d = divergence(block_tokens(model, crop), win)
+                tail_maps["single"].append(_tail(tails["single"]["tail"], pre.trunk, single["pretrained"][cut - 1][0]))
+            for name, tokens in single.items():
+                d = divergence(tokens, win)
                 blocks[name] = d if blocks[name] is None else [(a + c, b + e) for (a, b), (c, e) in zip(blocks[name], d)]
 
     def mse(fs) -> float:
@@ -218,7 +216,9 @@ def measure(run_dir: str, student: str = "default", n: int = 24, scale: float = 
 def main(quick: bool = False) -> dict:
     run_dir = os.environ.get("SPAR_GAP_RUN", "runs/demo")
     student = os.environ.get("SPAR_GAP_STUDENT", "default")
-    if not (Path(run_dir) / "students" / student / "checkpoints" / "best.safetensors").is_file():  # local runs
+    from spar_pipeline.run import Run
+
+    if not os.path.isfile(Run(run_dir).student(student).best_weights):  # local runs
         print(f"gap: no student {student!r} in {run_dir} (run `make demo` first, or set SPAR_GAP_RUN); skipped")
         return {"skipped": f"no student {student!r} in {run_dir}"}
     out: dict = {}
