@@ -109,9 +109,10 @@ def test_picture_tools(trained):
 
 
 def test_run_end_to_end_then_nothing_left(tmp_path):
-    """`make demo` as shipped: the student ends closer to the teacher than the pretrained model."""
+    """The default (tiny-cpu) run end to end: the student ends closer to the teacher than the pretrained model."""
     run = str(tmp_path / "demo")
-    out = cli("run", "--run", run)
+    bench = f"cityscapes={make_synthetic('cityscapes', tmp_path / 'data', n=2, size=(64, 128)) / 'cityscapes'}"
+    out = cli("run", "--run", run, "--dataset", bench)
     summary = (Path(run) / "reports" / "summary.md").read_text()
     assert out.stdout.strip().startswith("# spar-pipeline run summary")
     for section in ("| extract |", "Training (held-out MSE", "Single pass against sliding window", "pca:", "segmentation:"):
@@ -123,9 +124,17 @@ def test_run_end_to_end_then_nothing_left(tmp_path):
     assert min(e["val_mse"] for e in epochs) < 0.95 * epochs[0]["baseline_val_mse"]
     owner = lambda s: {"extract": Run(run).teacher(), "train": Run(run).student()}.get(s, Run(run))  # noqa: E731
     counts = {s: len(manifest.read_manifest(owner(s), s)) for s in ("ingest", "augment", "extract", "train")}
-    again = cli("run", "--run", run)
-    assert {s: len(manifest.read_manifest(owner(s), s)) for s in counts} == counts
+    evaluated = lambda: manifest.read_manifest(Run(run), "evaluate").to_pylist()  # noqa: E731
+    parts = lambda: len(list((Path(run) / "manifests" / "evaluate").glob("*.parquet")))  # noqa: E731
+    rows, before = evaluated(), parts()
+    again = cli("run", "--run", run, "--dataset", bench)
+    assert {s: len(manifest.read_manifest(owner(s), s)) for s in counts} == counts and parts() == before > 0
     assert "# spar-pipeline run summary" in again.stdout
+    cli("run", "--run", run, "--dataset", bench, "--epochs", str(Run(run).recipe.train.epochs + 1))  # a new student
+    assert len(manifest.read_manifest(Run(run).student(), "train")) == Run(run).recipe.train.epochs + 1
+    assert parts() > before  # the student evaluated again
+    key = lambda r: (r["model"], r["mode"], r["stride"], r["scale"], r["dataset"])  # noqa: E731
+    assert sorted(key(r) for r in evaluated()) == sorted(key(r) for r in rows)  # its rows replaced, not added
 
 
 def test_run_killed_mid_extract_then_rerun_finishes(tmp_path):

@@ -12,13 +12,13 @@ from spar_pipeline import manifest
 from spar_pipeline.run import Run
 
 
-@pytest.mark.timeout(1200)  # measured 483 s beside a 2-thread study, 726 s alone on a slower day, > 600 s beside a bench
-def test_mini_demo_spar_beats_single_pass_and_reports_forward_times(tmp_path, monkeypatch):
-    # one torch thread per process: on a busy 2-core CPU torch's default threads oversubscribe it (measured:
-    # the demo 3 min 59 s with it, 7 min 28 s without, past the 600 s a test may take with the suite alongside)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+@pytest.mark.timeout(900)  # measured 223 s alone on 2 idle cores; 416 s with one torch thread per process
+def test_mini_demo_spar_beats_single_pass_and_reports_forward_times(tmp_path):
+    # torch's own thread count: the suite runs one test at a time, and one thread per process cost the demo 416 s
+    # against 223 s (idle 2 cores); that a further epoch makes a new student whose rows replace its old ones is
+    # checked on the tiny run (tests/e2e/test_cli_student.py), not here (68 s more of the mini world)
     run = str(tmp_path / "demo")
-    out = cli("run", "--run", run, "--recipe", "mini", timeout=1000)  # the test's own limit, not the helper's 600 s
+    out = cli("run", "--run", run, "--recipe", "mini", timeout=840)  # the test's own limit, not the helper's 600 s
     every = manifest.read_manifest(Run(run), "evaluate").to_pylist()
     rows = {(r["model"], r["mode"], r["stride"]): r for r in every if r["scale"] == 1.0}
     teacher_stride = Run(run).recipe.extract.stride
@@ -56,11 +56,6 @@ def test_mini_demo_spar_beats_single_pass_and_reports_forward_times(tmp_path, mo
     before = parts()
     cli("run", "--run", run)  # nothing left: no stage, evaluation included, redoes anything
     assert parts() == before
-    cli("run", "--run", run, "--epochs", str(Run(run).recipe.train.epochs + 1))  # a further epoch: new student
-    assert parts() > before
-    key = lambda r: (r["model"], r["mode"], r["stride"], r["scale"])  # noqa: E731
-    again = [key(r) for r in manifest.read_manifest(Run(run), "evaluate").to_pylist()]
-    assert sorted(again) == sorted(key(r) for r in every)  # one row per key: the student's rows replaced, not added
 
 
 def test_mini_paper_recipe_expands_into_the_papers_studies(tmp_path):
