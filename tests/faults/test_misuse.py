@@ -172,7 +172,11 @@ def _check(code: int, output: str, want: str, exception: BaseException | None = 
 
 @pytest.mark.parametrize("name,argv,want", CASES, ids=[c[0] for c in CASES])
 def test_misuse_is_one_clear_line(name, argv, want, world, tmp_path, monkeypatch):
-    monkeypatch.setenv("COLUMNS", "400")  # log lines unwrapped: the count is of lines, not of terminal rows
+    # log lines unwrapped: the count is of lines, not of terminal rows. The CLI's console read COLUMNS when it was
+    # first imported, in whichever test of this process came first (under pytest-xdist, not always this file's)
+    from spar_pipeline.cli import common
+
+    monkeypatch.setattr(common.console, "width", 400)
     want = want.format(port=world["port"]) if "{port}" in want else want
     args = _fill(argv, world, str(tmp_path / "new"))
     with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):
@@ -200,7 +204,7 @@ def test_a_scheduler_without_workers_does_not_hang(world):
     from distributed import LocalCluster
 
     with LocalCluster(n_workers=0, processes=False, protocol="tcp", host="127.0.0.1",
-                      dashboard_address=None) as cluster:
+                      dashboard_address=":0") as cluster:  # None would take 8787, maybe another test's
         out = _cli(["extract", "--run", world["run"], "--scheduler", cluster.scheduler_address])
     _check(out.returncode, out.stdout + out.stderr, "has no workers")
 
