@@ -22,8 +22,8 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/spar-pipeline run --run $(RUN) --recipe $(RECIPE)
 
-# Two pytest workers, one test file each at a time (a file's fixtures are built once): a serial suite keeps
-# one of the two cores idle most of the time (load average 1.0; measured 29 min serial, 18.6 min so).
+# Two pytest workers, one test file each at a time (a file's fixtures are built once). Serially one of the two
+# cores idled most of the time (load average 1.0; 41 min 11 s with the older demo test); so, 18 min 35 s.
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q -ra -n 2 --dist loadfile --durations=15
 
