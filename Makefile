@@ -25,7 +25,7 @@ demo: $(STAMP)
 # Two pytest workers, one test file each at a time (a file's fixtures are built once). Serially one of the two
 # cores idled most of the time (load average 1.0; 41 min 11 s with the older demo test); so, 18 min 35 s.
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q -ra -n 2 --dist loadfile --durations=15
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q -ra -n 2 --dist loadfile --no-loadscope-reorder --durations=15
 
 bench: $(STAMP)
 	$(BIN)/python -m bench all --quick
