@@ -23,7 +23,7 @@ demo: $(STAMP)
 	$(BIN)/spar-pipeline run --run $(RUN) --recipe $(RECIPE)
 
 # Two pytest workers, one test file each at a time (a file's fixtures are built once). Serially one of the two
-# cores idled most of the time (load average 1.0; 41 min 11 s with the older demo test); so, 18 min 35 s.
+# cores idled most of the time (load average 1.0; 41 min 11 s with the older demo test); so, 18 min 19 s.
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q -ra -n 2 --dist loadfile --no-loadscope-reorder --durations=15
 
