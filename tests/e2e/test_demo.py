@@ -12,7 +12,7 @@ from spar_pipeline import manifest
 from spar_pipeline.run import Run
 
 
-@pytest.mark.timeout(1200)  # measured 223 s alone on 2 idle cores, 527 s beside the other pytest-xdist worker
+@pytest.mark.timeout(1200)  # measured 223 s alone on 2 idle cores, 527–653 s beside the other xdist worker
 def test_mini_demo_spar_beats_single_pass_and_reports_forward_times(tmp_path):
     # torch's own thread count (one thread per process: 416 s alone, against 223 s). That a further epoch makes a
     # new student whose rows replace its old ones is checked on the tiny run (tests/e2e/test_cli_student.py), not
