@@ -130,8 +130,9 @@ def test_run_end_to_end_then_nothing_left(tmp_path):
     again = cli("run", "--run", run, "--dataset", bench)
     assert {s: len(manifest.read_manifest(owner(s), s)) for s in counts} == counts and parts() == before > 0
     assert "# spar-pipeline run summary" in again.stdout
-    cli("run", "--run", run, "--dataset", bench, "--epochs", str(Run(run).recipe.train.epochs + 1))  # a new student
-    assert len(manifest.read_manifest(Run(run).student(), "train")) == Run(run).recipe.train.epochs + 1
+    further = Run(run).recipe.train.epochs + 1
+    cli("run", "--run", run, "--dataset", bench, "--epochs", str(further))  # a further epoch: a new student
+    assert len(manifest.read_manifest(Run(run).student(), "train")) == further
     assert parts() > before  # the student evaluated again
     key = lambda r: (r["model"], r["mode"], r["stride"], r["scale"], r["dataset"])  # noqa: E731
     assert sorted(key(r) for r in evaluated()) == sorted(key(r) for r in rows)  # its rows replaced, not added
