@@ -314,6 +314,8 @@ def run(
     if not urls and not found:
         raise SourceError("no SA-1B tars to ingest, nor WebDataset tars or image files"
                           + (f": {'; '.join(resolved.failed)}" if resolved.failed else ""))
+    for msg in resolved.failed:  # said here, once: in the error above when nothing is left to ingest
+        log.error("ingest: %s; the other sources go on", msg)
     files: dict[int, ImageFile] = {}
     for f in found:  # a file reached through two SOURCEs is one image
         files.setdefault(stable_id(f.url), f)

@@ -204,15 +204,12 @@ def resolve_sources(
     With ``links``, ``tars`` picks rows of the links file; without it, ``tars`` keeps only the
     sources with those names. Links-file tars and ``http(s)`` tars are copied once to
     ``download_dir`` (the run's ``source/``) and read in place from there: signed URLs expire
-    and carry secrets, so they never reach a manifest.
+    and carry secrets, so they never reach a manifest. What could not be resolved comes back in
+    ``failed``, unlogged: the caller says it once, as a warning or in its own error.
     """
     out: list[str] = []
     failed: list[str] = []
     wanted = [tar_name(t) for t in (tars or []) if t.strip()]
-
-    def fail(msg: str) -> None:
-        log.error("ingest: %s", msg)
-        failed.append(msg)
 
     def add(url: str, name: str | None = None) -> None:
         """``name`` given: a links-file row, always fetched (those links are signed and expire)."""
@@ -221,7 +218,7 @@ def resolve_sources(
             try:
                 url = _fetch(url, f"{download_dir}/{name}", storage_options)
             except Exception as e:  # one tar's fetch failing never stops the others
-                fail(f"{name}: fetch from {show_url(url)} failed ({first_line(e)})")
+                failed.append(f"{name}: fetch from {show_url(url)} failed ({first_line(e)})")
                 return
         out.append(url)
 
@@ -230,10 +227,10 @@ def resolve_sources(
         try:
             found, imgs = _expand(src, storage_options)
         except Exception as e:
-            fail(f"source {show_url(src)}: {first_line(e)}")
+            failed.append(f"source {show_url(src)}: {first_line(e)}")
             continue
         if not found and not imgs:
-            fail(f"source {show_url(src)}: no .tar files match (nor {'/'.join(IMAGE_EXTS)} images)")
+            failed.append(f"source {show_url(src)}: no .tar files match (nor {'/'.join(IMAGE_EXTS)} images)")
         for im in imgs:
             images.setdefault(im.url, im)
         if wanted and not links:
@@ -253,7 +250,7 @@ def resolve_sources(
         names = {u.split("?", 1)[0].rsplit("/", 1)[-1] for u in out}
         for name in wanted:
             if name not in names:
-                fail(f"--tars {name}: not among the given sources")
+                failed.append(f"--tars {name}: not among the given sources")
     return Resolved(sorted(set(out), key=lambda u: (u.split("?", 1)[0].rsplit("/", 1)[-1], u)), failed,
                     [images[u] for u in sorted(images)])
 

@@ -17,7 +17,9 @@ def pretrain_mini(
     out: str = typer.Option("mini-clip.safetensors", "--out", help="Where the safetensors weights go."),
     seed: int = typer.Option(0, help="Seed of the scenes and the model (the shipped weights: 0)."),
     steps: Optional[int] = Count(None, help="Contrastive steps (default: the shipped weights' count)."),
-    minutes: float = typer.Option(40.0, help="Wall-time cap (> 0); a capped run is not the shipped reference."),
+    minutes: Optional[float] = typer.Option(
+        None, help="Wall-time cap in minutes (> 0; default: well above the reference run's). "
+                   "A capped run is not the shipped reference."),
     threads: int = Count(2, help="CPU threads."),
 ) -> None:
     """Pretrain mini-clip, the miniature world's CLIP-style model, on generated scene-caption pairs.
@@ -28,10 +30,11 @@ def pretrain_mini(
     with reporting():
         from spar_pipeline.mini import pretrain as stage
 
-        if minutes <= 0:
+        if minutes is not None and minutes <= 0:
             raise OptionError(f"--minutes {minutes}: must be > 0")
 
-        rep = stage.main(out, seed, minutes, stage.DEFAULT_STEPS if steps is None else steps, threads)
+        rep = stage.main(out, seed, stage.MINUTES if minutes is None else minutes,
+                         stage.DEFAULT_STEPS if steps is None else steps, threads)
         typer.echo(f"pretrain-mini: {rep['steps']} steps, loss {rep['loss']}, {rep['seconds']} s -> {rep['out']}")
 
 

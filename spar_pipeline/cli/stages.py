@@ -179,7 +179,8 @@ def train(
 @app.command()
 def evaluate(
     dataset: List[str] = typer.Option([], "--dataset", help="NAME=PATH, repeatable; NAME in voc21, voc20, context60, "
-                                      "context59, ade20k, cityscapes; PATH the dataset root in the mmseg layout. "
+                                      "context59, ade20k, cityscapes (or scenes, the miniature world's); PATH the "
+                                      "dataset root in the mmseg layout. "
                                       "None: the held-out teacher MSE of each checkpoint (needs --run)."),
     run: Optional[str] = typer.Option(None, "--run", help="Run folder (its recipe, students and reports)."),
     recipe: Optional[str] = typer.Option(None, "--recipe", help="Preset or TOML path when there is no --run."),

@@ -182,6 +182,8 @@ def test_misuse_is_one_clear_line(name, argv, want, world, tmp_path, monkeypatch
     with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):
         result = CliRunner().invoke(app, args, prog_name="spar-pipeline")
     _check(result.exit_code, result.output, want, result.exception)
+    if name == "ingest_missing_tar":
+        assert result.output.count("missing.tar") == 1, result.output  # said once, not logged and then failed on
     if name == "other_recipe_for_run":
         assert "siglip2" not in (Path(world["run"]) / "run.toml").read_text()  # refused, nothing changed
 

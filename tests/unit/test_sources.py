@@ -155,7 +155,7 @@ def test_resolve_reports_what_gave_nothing(src, caplog):
     r = resolve_sources([str(src / "sa_000000.tar"), str(src / "gone.tar"), str(src / "*.tgz")])
     assert [Path(u).name for u in r.urls] == ["sa_000000.tar"]
     assert len(r.failed) == 2 and "gone.tar: no such tar" in r.failed[0] and "no .tar files match" in r.failed[1]
-    assert sum(rec.levelname == "ERROR" for rec in caplog.records) == 2
+    assert not [rec for rec in caplog.records if rec.levelname == "ERROR"]  # the caller says it, once
     r = resolve_sources([str(src)], tars=["sa_000007"])
     assert r.urls == [] and "sa_000007.tar: not among the given sources" in r.failed[0]
 
