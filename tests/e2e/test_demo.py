@@ -12,13 +12,14 @@ from spar_pipeline import manifest
 from spar_pipeline.run import Run
 
 
-@pytest.mark.timeout(1200)  # measured 223 s alone on 2 idle cores, 527–653 s beside the other xdist worker
+@pytest.mark.timeout(2000)  # measured 223 s alone on 2 idle cores, 527–653 s beside the other xdist worker;
+# > 1100 s with a study running too (2026-12-03): the limits catch a hang, they do not time the demo
 def test_mini_demo_spar_beats_single_pass_and_reports_forward_times(tmp_path):
     # torch's own thread count (one thread per process: 416 s alone, against 223 s). That a further epoch makes a
     # new student whose rows replace its old ones is checked on the tiny run (tests/e2e/test_cli_student.py), not
     # here: it cost 68 s more of the mini world
     run = str(tmp_path / "demo")
-    out = cli("run", "--run", run, "--recipe", "mini", timeout=1100)  # the test's own limit, not the helper's 600 s
+    out = cli("run", "--run", run, "--recipe", "mini", timeout=1900)  # the test's own limit, not the helper's 600 s
     every = manifest.read_manifest(Run(run), "evaluate").to_pylist()
     rows = {(r["model"], r["mode"], r["stride"]): r for r in every if r["scale"] == 1.0}
     teacher_stride = Run(run).recipe.extract.stride
@@ -33,8 +34,8 @@ def test_mini_demo_spar_beats_single_pass_and_reports_forward_times(tmp_path):
     assert all(r["dataset"] == "scenes" and r["images"] > 0 for r in rows.values())
     at = lambda scale: {(r["model"], r["mode"], r["stride"]): r["miou"] for r in every if r["scale"] == scale}  # noqa: E731
     # the world is resolution-sensitive: at the largest scale the sliding teacher leads the single pass
-    # (measured: s=12 +10.2 mIoU at 4×, +2.1 at 1×), and at 2× the student, in one pass, beats the single pass
-    # it starts from (measured: +3.3; at 1× and 4× it gains only +0.1 to +0.3, README "The miniature world")
+    # (measured: s=32 +14.8 mIoU at 4×, s=12 +5.1 at 1×), and at 2× the student, in one pass, beats the single
+    # pass it starts from (measured: +6.1; +1.0 at 1× and +2.8 at 4×, README "The miniature world")
     top, mid = at(max(scales)), at(2.0)
     assert top[("pretrained", "sliding", min(Run(run).recipe.evaluate.scale_strides))] > top[("pretrained", "single", 0)] + 2.0
     assert mid[("best", "single", 0)] > mid[("pretrained", "single", 0)] + 1.0, mid
