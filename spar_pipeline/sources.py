@@ -205,7 +205,7 @@ def resolve_sources(
     sources with those names. Links-file tars and ``http(s)`` tars are copied once to
     ``download_dir`` (the run's ``source/``) and read in place from there: signed URLs expire
     and carry secrets, so they never reach a manifest. What could not be resolved comes back in
-    ``failed``, unlogged: the caller says it once, as a warning or in its own error.
+    ``failed``, unlogged: the caller says it once, in a log line or in its own error.
     """
     out: list[str] = []
     failed: list[str] = []
