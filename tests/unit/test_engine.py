@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 
@@ -47,3 +48,24 @@ def test_unreachable_scheduler_is_one_line_naming_it():
         with pytest.raises(EndpointError, match=rf"--scheduler tcp://127.0.0.1:{port}: no Dask scheduler answered"):
             with open_engine(scheduler=f"tcp://127.0.0.1:{port}"):
                 pass
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_cpu_worker_gets_its_share_of_the_cores_and_keeps_freed_memory(workers, monkeypatch):
+    # distributed's default pre-spawn environment gave each worker ONE torch thread and a 64 KiB malloc trim
+    # threshold: the miniature teacher ran 3× slower in a worker than in the client (bench/NOTES.md).
+    def environment() -> tuple[int, str | None, str | None]:
+        import os
+
+        import torch
+
+        return torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS"), os.environ.get("MALLOC_TRIM_THRESHOLD_")
+
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")  # the client's own setting, put back afterwards
+    share = max(1, (os.cpu_count() or 1) // workers)
+    with open_engine(workers=workers) as engine:
+        assert engine.n_workers == workers
+        got = list(engine.results([engine.submit(environment, pure=False) for _ in range(workers)]))
+    assert got == [(share, str(share), None)] * workers
+    assert os.environ["OMP_NUM_THREADS"] == "7" and "MALLOC_TRIM_THRESHOLD_" not in os.environ
