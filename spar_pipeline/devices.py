@@ -13,8 +13,8 @@ import os
 import subprocess
 import sys
 
-__all__ = ["default_gpus", "check_gpus", "torch_device", "worker_device", "autocast_dtype", "autocast",
-           "matmul_precision", "matmul_precision_for"]
+__all__ = ["default_gpus", "check_gpus", "torch_device", "worker_device", "model_device", "autocast_dtype",
+           "autocast", "matmul_precision", "matmul_precision_for"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -55,6 +55,16 @@ def worker_device():
     import torch
 
     return torch_device(0 if torch.cuda.is_available() else None)
+
+
+def model_device(model):
+    """Where ``model``'s parameters live (the CPU for a model without any): inputs go there."""
+    import torch
+
+    try:
+        return next(model.parameters()).device
+    except (StopIteration, AttributeError):
+        return torch.device("cpu")
 
 
 def autocast_dtype(precision: str, device):

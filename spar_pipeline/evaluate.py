@@ -6,9 +6,10 @@ whole set, and one evaluate-manifest row is written with its per-class IoU (``cl
 order, ``class_names``) and two speeds: ``forward_seconds``, the paper's figure (``timing``: only the
 ViT forward passes of one image of the recipe's timing size × ``scale`` (the paper's 1024×2048), warm-up passes
 then one timed; the same for every dataset of a model × mode × stride × scale), and
-``predict_seconds``, the mean wall time of the whole ``predict`` (resize, forward, similarity,
-upsampling, post-processing) per image of this dataset. A model is ``pretrained``, a student's name
-(its best epoch) or a weights file (``weights.resolve_checkpoint``). A key already in the manifest
+``predict_seconds``, the wall time of the whole ``predict`` (resize, forward, similarity,
+upsampling, post-processing) over this dataset divided by its images (on a CPU the images run one per
+torch thread at a time, so this is the stage's throughput, not one image's latency). A model is
+``pretrained``, a student's name (its best epoch) or a weights file (``weights.resolve_checkpoint``). A key already in the manifest
 with the same image count is not redone. Finally ``RUN/reports/table.md`` and ``table.csv`` are
 rewritten from the whole manifest in the shape of the paper's Table 1.
 
@@ -30,6 +31,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from spar_pipeline.devices import model_device
 from spar_pipeline.errors import EvaluateError
 from spar_pipeline.run import Run
 from spar_pipeline.timing import forward_time
@@ -131,14 +133,15 @@ def _evaluate_one(model, label: str, bench, name: str, n: int, text, cfg, mode: 
 
     ds_cfg, size = cfg.datasets[name], scaled(resize_scale(name, cfg), scale)
     metric = SegMetric(bench.num_classes)
-    spent = 0.0
-    for i in range(n):
+
+    def one(i: int):
         image, gt, _ = bench[i]
-        t0 = time.perf_counter()
-        pred = predict(model, image, text, ds_cfg, size, mode, stride or None, cfg.window_batch)
-        spent += time.perf_counter() - t0  # predict returns on the host: already synchronised
+        return predict(model, image, text, ds_cfg, size, mode, stride or None, cfg.window_batch), gt
+
+    t0 = time.perf_counter()
+    for pred, gt in _images_in_parallel(one, n, model_device(model)):
         metric.update(pred, gt)
-    predict_seconds = spent / n if n else math.nan
+    predict_seconds = (time.perf_counter() - t0) / n if n else math.nan  # predict returns on the host: synchronised
     fwd = forward_time(model, mode, stride or None, size=scaled(timing_size, scale), warmup=cfg.timing_warmup,
                        window_batch=cfg.window_batch)
     result = metric.compute()
@@ -150,6 +153,32 @@ def _evaluate_one(model, label: str, bench, name: str, n: int, text, cfg, mode: 
             "forward_width": fwd.size[1], "predict_seconds": float(predict_seconds), "images": int(n),
             "class_iou": [float(v) for v in result["iou"]],
             "class_names": [line.strip() for line in bench.class_lines]}
+
+
+def _images_in_parallel(one, n: int, device: torch.device) -> Iterator:
+    """``one(i)`` for i < n, in order. On a CPU, one image per torch thread at a time, each image on one
+    thread: the small ops of one prediction do not keep several cores busy (bench/NOTES.md, "Evaluate: an image
+    per core": 1.1–1.5× the images per second of one image on 2 threads, the same label maps). A GPU
+    predicts one image at a time. The process's thread count is put back after."""
+    workers = min(torch.get_num_threads(), n) if device.type == "cpu" else 1
+    if workers <= 1:
+        yield from (one(i) for i in range(n))
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="evaluate")
+    try:
+        ahead = [pool.submit(one, i) for i in range(min(n, 2 * workers))]  # a few in flight, not the whole set
+        for i in range(n):
+            out = ahead.pop(0).result()
+            if i + len(ahead) + 1 < n:
+                ahead.append(pool.submit(one, i + len(ahead) + 1))
+            yield out
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # an error stops the rest; running ones finish first
+        torch.set_num_threads(before)
 
 
 def scaled(size: Sequence[int], scale: float) -> tuple[int, ...]:

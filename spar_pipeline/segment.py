@@ -28,6 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from spar_pipeline.devices import model_device
+
 __all__ = ["resize_keep_ratio", "resize_image", "normalise", "cosine_maps", "single_logits", "sliding_logits",
            "postprocess", "predict", "MODES"]
 
@@ -54,17 +56,10 @@ def resize_image(image: np.ndarray, scale: Sequence[int] | None) -> np.ndarray:
     return cv2.resize(image, (nw, nh), interpolation=cv2.INTER_LINEAR)
 
 
-def _device(backbone) -> torch.device:
-    try:
-        return next(backbone.parameters()).device
-    except (StopIteration, AttributeError):
-        return torch.device("cpu")
-
-
 def normalise(backbone, image: np.ndarray) -> torch.Tensor:
     """uint8 RGB [H, W, 3] -> float32 [1, 3, H, W], (x − 255·mean) / (255·std), on the backbone's device."""
     # np.require copies only a read-only or strided image (torch warns on a read-only array; .float() copies anyway)
-    x = torch.from_numpy(np.require(image, requirements=("C", "W"))).to(_device(backbone)).permute(2, 0, 1)[None].float()
+    x = torch.from_numpy(np.require(image, requirements=("C", "W"))).to(model_device(backbone)).permute(2, 0, 1)[None].float()
     return backbone.normalize(x, scale=255.0)
 
 

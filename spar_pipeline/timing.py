@@ -34,6 +34,8 @@ from typing import Sequence
 
 import torch
 
+from spar_pipeline.devices import model_device
+
 __all__ = ["PAPER_SIZE", "PAPER_WARMUP", "PAPER_WINDOW_BATCH", "ForwardTime", "forward_time", "forward_seconds",
            "device_label"]
 
@@ -62,13 +64,6 @@ class ForwardTime:
         return self.timed_batches < self.batches
 
 
-def _device(backbone) -> torch.device:
-    try:
-        return next(backbone.parameters()).device
-    except (StopIteration, AttributeError):
-        return torch.device("cpu")
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -92,7 +87,7 @@ def forward_time(backbone, mode: str = "single", stride: int | None = None, *, s
     H, W = (int(v) for v in size)
     if H < 1 or W < 1 or int(window_batch) < 1:
         raise ValueError(f"timing size {H}×{W} and window_batch {window_batch} must be ≥ 1")
-    device = _device(backbone)
+    device = model_device(backbone)
     key = (type(backbone).__name__, getattr(backbone, "name", ""), str(device), mode, int(stride or 0), H, W,
            max(0, int(warmup)), int(window_batch), max_batches)
     if not fresh and key in _MEASURED:
@@ -134,7 +129,7 @@ def device_label(backbone) -> str:
     """Where a timing was taken: the GPU's name, or "cpu, N threads" and the host."""
     import platform
 
-    device = _device(backbone)
+    device = model_device(backbone)
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} ({platform.node()})"
     return f"{device.type}, {torch.get_num_threads()} threads ({platform.node()})"

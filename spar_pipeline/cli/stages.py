@@ -243,8 +243,8 @@ def run_cmd(
     tars: Optional[str] = TarsOpt,
     max_id: Optional[int] = MaxIdOpt,
     epochs: Optional[int] = EpochsOpt,
-    dataset: List[str] = typer.Option([], "--dataset", help="NAME=PATH (repeatable): also evaluate pretrained and "
-                                      "student, single pass and sliding, on these benchmarks."),
+    dataset: List[str] = typer.Option([], "--dataset", help="NAME=PATH (repeatable): also evaluate pretrained "
+                                      "(single pass and sliding) and the students (single pass) on these benchmarks."),
     storage_options: Optional[str] = StorageOpt,
 ) -> None:
     """Run every stage in order, each resuming, and write RUN/reports/summary.md.

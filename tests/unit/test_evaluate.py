@@ -405,3 +405,40 @@ def test_cli_scale_sweep_and_refusals(tmp_path):
     bad = cli.invoke(app, ["evaluate", "--run", run.url, "--dataset", f"voc20={data}", "--checkpoint", "nosuch"])
     assert bad.exit_code != 0 and "no student 'nosuch' (students: default)" in bad.output
     assert len([l for l in bad.output.splitlines() if l.strip()]) == 1
+
+
+def test_images_run_one_per_thread_in_order_with_the_same_maps_and_threads_put_back(tiny):
+    import threading
+
+    image = (np.random.default_rng(0).random((40, 56, 3)) * 255).astype(np.uint8)
+    text = tiny.class_embeddings(["a", "b", "c"], ["{}"])
+    cfg = DatasetEval(logit_scale=50.0)
+    images = [np.ascontiguousarray(np.roll(image, 7 * i, axis=1)) for i in range(7)]
+    names: set[str] = set()
+
+    def one(i: int):
+        names.add(threading.current_thread().name)
+        return i, segment.predict(tiny, images[i], text, cfg, (64, 48), "sliding", 16, 4)
+
+    torch.set_num_threads(2)
+    alone = [segment.predict(tiny, im, text, cfg, (64, 48), "sliding", 16, 4) for im in images]
+    got = list(evaluate._images_in_parallel(one, len(images), torch.device("cpu")))
+    assert [i for i, _ in got] == list(range(7))  # in order, every one
+    assert all(np.array_equal(a, b) for a, (_, b) in zip(alone, got))  # one thread per image: the same maps
+    assert len(names) == 2 and all(n.startswith("evaluate") for n in names)
+    assert torch.get_num_threads() == 2
+
+    ran: list[int] = []
+
+    def failing(i: int):
+        ran.append(i)
+        if i == 1:
+            raise ValueError("image 1: not a PNG")
+        return i
+
+    with pytest.raises(ValueError, match="image 1"):
+        list(evaluate._images_in_parallel(failing, 50, torch.device("cpu")))
+    assert torch.get_num_threads() == 2 and len(ran) < 50  # the rest is not run after an error
+    names.clear()
+    assert [i for i, _ in evaluate._images_in_parallel(one, 3, torch.device("cuda"))] == [0, 1, 2]  # a GPU: in turn
+    assert names == {threading.current_thread().name}
