@@ -82,10 +82,16 @@ def spawn(target: Callable[..., Any], world: int, gpus: Sequence[int] | None, *a
     import torch.multiprocessing as mp
 
     results = mp.get_context("spawn").SimpleQueue()
-    mp.start_processes(_rank_main, nprocs=world, start_method="spawn",
-                       args=(target, world, tuple(gpus) if gpus else None, free_port(),
-                             logging.getLogger().getEffectiveLevel(), results, args))
-    return results.get()
+    ctx = mp.start_processes(_rank_main, nprocs=world, start_method="spawn", join=False,
+                             args=(target, world, tuple(gpus) if gpus else None, free_port(),
+                                   logging.getLogger().getEffectiveLevel(), results, args))
+    # Read rank 0's result while the processes run: one larger than the pipe's buffer would otherwise keep
+    # rank 0 in put() and the join waiting for it. join() raises when a process failed (the others are ended).
+    result, got = None, False
+    while not ctx.join(timeout=0.2):
+        if not got and not results.empty():
+            result, got = results.get(), True
+    return result if got else results.get()
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,8 @@ then one timed; the same for every dataset of a model × mode × stride × scale
 ``predict_seconds``, the wall time of the whole ``predict`` (resize, forward, similarity,
 upsampling, post-processing) over this dataset divided by its images (on a CPU the images run one per
 torch thread at a time, so this is the stage's throughput, not one image's latency). A model is
-``pretrained``, a student's name (its best epoch) or a weights file (``weights.resolve_checkpoint``). A key already in the manifest
-with the same image count is not redone. Finally ``RUN/reports/table.md`` and ``table.csv`` are
+``pretrained``, a student's name (its best epoch) or a weights file (``weights.resolve_checkpoint``). A key
+already in the manifest with the same image count is not redone. Finally ``RUN/reports/table.md`` and ``table.csv`` are
 rewritten from the whole manifest in the shape of the paper's Table 1.
 
 Text features are computed once per dataset with the PRETRAINED backbone's text tower,
