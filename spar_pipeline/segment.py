@@ -59,7 +59,8 @@ def resize_image(image: np.ndarray, scale: Sequence[int] | None) -> np.ndarray:
 def normalise(backbone, image: np.ndarray) -> torch.Tensor:
     """uint8 RGB [H, W, 3] -> float32 [1, 3, H, W], (x − 255·mean) / (255·std), on the backbone's device."""
     # np.require copies only a read-only or strided image (torch warns on a read-only array; .float() copies anyway)
-    x = torch.from_numpy(np.require(image, requirements=("C", "W"))).to(model_device(backbone)).permute(2, 0, 1)[None].float()
+    x = torch.from_numpy(np.require(image, requirements=("C", "W"))).to(model_device(backbone))
+    x = x.permute(2, 0, 1)[None].float()
     return backbone.normalize(x, scale=255.0)
 
 

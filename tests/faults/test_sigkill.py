@@ -101,8 +101,16 @@ def _maps_match(run: Run, clean: Run) -> None:
 
 
 def _workers(proc) -> list[psutil.Process]:
-    children = psutil.Process(proc.pid).children(recursive=True)
-    return [p for p in children if "spawn_main" in " ".join(p.cmdline())]  # dask worker processes
+    """The live dask worker processes under ``proc``; one killed before and not yet reaped (a zombie) or
+    gone since the listing is not one of them."""
+    alive = []
+    for p in psutil.Process(proc.pid).children(recursive=True):
+        try:
+            if "spawn_main" in " ".join(p.cmdline()):
+                alive.append(p)
+        except (psutil.ZombieProcess, psutil.NoSuchProcess):
+            continue
+    return alive
 
 
 def test_extract_client_and_workers_killed(tmp_path, augmented, extracted):
