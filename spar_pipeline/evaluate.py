@@ -164,17 +164,20 @@ def _images_in_parallel(one, n: int, device: torch.device) -> Iterator:
     if workers <= 1:
         yield from (one(i) for i in range(n))
         return
+    from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     pool = ThreadPoolExecutor(workers, thread_name_prefix="evaluate")
     try:
-        ahead = [pool.submit(one, i) for i in range(min(n, 2 * workers))]  # a few in flight, not the whole set
-        for i in range(n):
-            out = ahead.pop(0).result()
-            if i + len(ahead) + 1 < n:
-                ahead.append(pool.submit(one, i + len(ahead) + 1))
+        ahead = deque(pool.submit(one, i) for i in range(min(n, 2 * workers)))  # a few in flight, not the whole set
+        following = len(ahead)  # the next image to submit
+        while ahead:
+            out = ahead.popleft().result()
+            if following < n:
+                ahead.append(pool.submit(one, following))
+                following += 1
             yield out
     finally:
         pool.shutdown(wait=True, cancel_futures=True)  # an error stops the rest; running ones finish first
@@ -223,7 +226,7 @@ def feature_mse(backbone, run: Run | str, image_ids: Sequence[int] | None = None
     if not image_ids:
         raise EvaluateError(f"{run}: no extracted images to compare with; run `spar-pipeline extract` first")
     store = FeatureStore.open(run.teacher(teacher).store_url, storage_options=run.storage_options)
-    dev = torch.device(device) if device is not None else next(backbone.parameters()).device
+    dev = torch.device(device) if device is not None else model_device(backbone)
     total = 0.0
     for image_id in image_ids:
         x = augmented_image(run, int(image_id)).to(dev)[None].float() / 255.0

@@ -22,6 +22,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from spar_pipeline.devices import model_device
 from spar_pipeline.run import Run
 from spar_pipeline.weights import BEST, load_models
 
@@ -122,7 +123,7 @@ def pca_image(image_path: str, out_png: str, *, backbone=None, run: Run | str | 
     x = normalise(teacher_model, image)
     with torch.no_grad():
         teacher = sliding_features(teacher_model, x, window=teacher_model.window, stride=stride).float()
-        student = student_model.dense(x.to(next(student_model.parameters()).device))[0].float().to(teacher.device)
+        student = student_model.dense(x.to(model_device(student_model)))[0].float().to(teacher.device)
     if student.shape != teacher.shape:
         raise ValueError(f"pca: student map {tuple(student.shape)} and teacher map {tuple(teacher.shape)} differ")
     rgb_t, rgb_s = _shared_pca(teacher, student)
