@@ -33,6 +33,7 @@ import torch
 
 from spar_pipeline.devices import model_device
 from spar_pipeline.errors import EvaluateError
+from spar_pipeline.prefixes import PrefixCache
 from spar_pipeline.run import Run
 from spar_pipeline.timing import forward_time
 from spar_pipeline.weights import BEST, pretrained_model, resolve_checkpoint
@@ -50,7 +51,7 @@ def run(run_dir: Run | None, datasets: dict[str, str], *, checkpoints: Sequence[
         modes: Sequence[str] = ("single",), strides: Sequence[int] | None = None,
         scales: Sequence[float] = (1.0,), limit: int | None = None, backbone=None, recipe=None,
         device: str | torch.device | None = None, redo: bool = False,
-        timing_size: Sequence[int] | None = None) -> list[dict]:
+        timing_size: Sequence[int] | None = None, prefixes: PrefixCache | None = None) -> list[dict]:
     """CLI ``evaluate``: mIoU of each checkpoint × mode(/stride) × scale × dataset; rows returned and, with
     a run, written to the evaluate manifest plus RUN/reports/table.md and table.csv.
 
@@ -64,7 +65,10 @@ def run(run_dir: Run | None, datasets: dict[str, str], *, checkpoints: Sequence[
     model. ``recipe``: a Recipe or preset name (default the run's frozen one). ``redo``: evaluate again
     even when the manifest has the row. ``timing_size``: (height, width) of the image ``forward_seconds``
     is timed on at scale 1 (default the recipe's ``[evaluate] timing_size``, the paper's 1024×2048 in its
-    presets; × scale, each side rounded, at other scales).
+    presets; × scale, each side rounded, at other scales). ``prefixes``: on a CPU, where single passes keep the
+    blocks the recipe's students freeze (``[train] trainable``), for every model sharing them to finish
+    (``prefixes.PrefixCache``; ``run`` passes one to all its calls; by default one per call of several
+    checkpoints).
     """
     from spar_pipeline.backbones import build
     from spar_pipeline.datasets import get_dataset, templates
@@ -85,6 +89,11 @@ def run(run_dir: Run | None, datasets: dict[str, str], *, checkpoints: Sequence[
     pretrained, bname = pretrained_model(backbone, recipe, dev)
     paths = {ck: resolve_checkpoint(run_dir, ck) for ck in checkpoints}  # fail early on a missing file or name
     labels = _labels(checkpoints, paths)
+    if dev.type != "cpu":
+        prefixes = None  # a GPU runs the blocks again faster than it would hold them
+    elif prefixes is None and len(checkpoints) > 1:
+        prefixes = PrefixCache()
+    depth = pretrained.depth_frozen_by(recipe.train.trainable) if prefixes is not None else 0
 
     # Text features once per dataset, from the pretrained text tower (never a student's), when first needed.
     tmpl, text = templates(), {}
@@ -111,8 +120,9 @@ def run(run_dir: Run | None, datasets: dict[str, str], *, checkpoints: Sequence[
                     txt = text_of(name)  # before the student is built: the pretrained text tower
                     if model is None:
                         model = pretrained if paths[ck] is None else build(bname, paths[ck], device=dev)
+                    shared = (prefixes, depth, datasets[name]) if mode == "single" and depth else None
                     row = _evaluate_one(model, label, bench, name, n, txt, cfg, mode, stride, scale,
-                                        timing_size or cfg.timing_size)
+                                        timing_size or cfg.timing_size, shared)
                     if run_dir is not None:
                         from spar_pipeline.manifest import write_part
 
@@ -124,9 +134,10 @@ def run(run_dir: Run | None, datasets: dict[str, str], *, checkpoints: Sequence[
 
 
 def _evaluate_one(model, label: str, bench, name: str, n: int, text, cfg, mode: str, stride: int, scale: float,
-                  timing_size: Sequence[int]) -> dict:
+                  timing_size: Sequence[int], shared: tuple[PrefixCache, int, str] | None = None) -> dict:
     """One manifest row: ``n`` images of ``bench`` at ``scale`` × the recipe's
-    resize, their mIoU and per-class IoU, the forward timing at ``timing_size`` × ``scale``."""
+    resize, their mIoU and per-class IoU, the forward timing at ``timing_size`` × ``scale``. ``shared``:
+    (the cache, the depth, the dataset's root) of single passes kept for models sharing their first blocks."""
     from spar_pipeline.datasets import resize_scale
     from spar_pipeline.metrics import SegMetric
     from spar_pipeline.segment import predict
@@ -134,9 +145,18 @@ def _evaluate_one(model, label: str, bench, name: str, n: int, text, cfg, mode: 
     ds_cfg, size = cfg.datasets[name], scaled(resize_scale(name, cfg), scale)
     metric = SegMetric(bench.num_classes)
 
+    start = None
+    if shared is not None and model.split_limit():
+        cache, depth, root = shared
+        depth, digest = min(depth, model.split_limit()), model.prefix_digest(min(depth, model.split_limit()))
+
+        def start(x: torch.Tensor, i: int):
+            return cache.get((digest, root, i, size), lambda: model.prefix(x, depth))
+
     def one(i: int):
         image, gt, _ = bench[i]
-        return predict(model, image, text, ds_cfg, size, mode, stride or None, cfg.window_batch), gt
+        kept = None if start is None else (lambda x: start(x, i))
+        return predict(model, image, text, ds_cfg, size, mode, stride or None, cfg.window_batch, kept), gt
 
     t0 = time.perf_counter()
     for pred, gt in _images_in_parallel(one, n, model_device(model)):

@@ -101,9 +101,13 @@ def run_all(
         swept = {DEFAULT} | {n for n, s in plans.items() if _seed_of_default(s, plans.get(DEFAULT))}
 
         def evaluate_all() -> list[dict]:
-            rows = evaluate.run(run, datasets, checkpoints=["pretrained"], modes=("single", "sliding"))
+            from spar_pipeline.prefixes import PrefixCache
+
+            # On a CPU the pretrained single passes keep the blocks the students freeze, for the students to finish
+            kept = PrefixCache()
+            rows = evaluate.run(run, datasets, checkpoints=["pretrained"], modes=("single", "sliding"), prefixes=kept)
             if more:
-                rows += evaluate.run(run, datasets, checkpoints=["pretrained"], scales=more)
+                rows += evaluate.run(run, datasets, checkpoints=["pretrained"], scales=more, prefixes=kept)
                 if scale_strides:
                     rows += evaluate.run(run, datasets, checkpoints=["pretrained"], modes=("sliding",),
                                          strides=scale_strides, scales=more)
@@ -111,9 +115,9 @@ def run_all(
                 if not run.fs.exists(run.student(name).best_weights):  # stopped before its first epoch
                     continue
                 label, redo = "best" if name == DEFAULT else name, bool(report.get("steps_this_run"))
-                rows += evaluate.run(run, datasets, checkpoints=[label], modes=("single",), redo=redo)
+                rows += evaluate.run(run, datasets, checkpoints=[label], modes=("single",), redo=redo, prefixes=kept)
                 if more and name in swept:
-                    rows += evaluate.run(run, datasets, checkpoints=[label], scales=more, redo=redo)
+                    rows += evaluate.run(run, datasets, checkpoints=[label], scales=more, redo=redo, prefixes=kept)
             return rows
 
         reports["evaluate"] = timed("evaluate", evaluate_all)

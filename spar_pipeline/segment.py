@@ -22,7 +22,7 @@ to the original size and post-processed as in single mode.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -65,13 +65,14 @@ def normalise(backbone, image: np.ndarray) -> torch.Tensor:
 
 
 def cosine_maps(backbone, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-    """[B, 3, h, w] normalised -> cosine with each query [B, Q, h/P, w/P] (the backbone's own grid)."""
-    feats = F.normalize(backbone.dense(x).float(), dim=-1)
+    """[B, 3, h, w] normalised (or a ``Partial`` pass of it) -> cosine with each query [B, Q, h/P, w/P] (the
+    backbone's own grid)."""
+    feats = F.normalize(backbone(x).float(), dim=-1)
     return torch.einsum("bhwd,qd->bqhw", feats, emb.to(feats.device, torch.float32))
 
 
 @torch.no_grad()
-def single_logits(backbone, x: torch.Tensor, emb: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
+def single_logits(backbone, x, emb: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
     """One pass on the whole (resized) image; cosine maps [Q, *out_size]."""
     cos = cosine_maps(backbone, x, emb)
     return F.interpolate(cos, size=out_size, mode="bilinear", align_corners=False)[0]
@@ -147,13 +148,14 @@ def postprocess(cos: torch.Tensor, class_index: torch.Tensor, cfg) -> torch.Tens
 @torch.no_grad()
 def predict(backbone, image: np.ndarray, text: tuple[torch.Tensor, torch.Tensor], cfg,
             resize_scale: Sequence[int] | None, mode: str = "single", stride: int | None = None,
-            window_batch: int = 60) -> np.ndarray:
+            window_batch: int = 60, prefix: Callable[[torch.Tensor], Any] | None = None) -> np.ndarray:
     """Label map int64 [H, W] at the ORIGINAL size of ``image`` (uint8 RGB [H, W, 3]).
 
     ``text`` = (query embeddings [Q, D] L2-normalised, class index [Q]) from
     ``backbone.class_embeddings``; ``cfg`` a ``recipe.DatasetEval``; ``resize_scale`` the
     keep-ratio (long, short) scale or None for no resize; ``mode`` "single" or "sliding"
-    (with ``stride``, windows run ``window_batch`` at a time).
+    (with ``stride``, windows run ``window_batch`` at a time). ``prefix`` (single mode) maps the normalised
+    image to the ``Partial`` pass the backbone finishes (one kept for models that share their first blocks).
     """
     if mode not in MODES:
         raise ValueError(f"mode {mode!r}: choose from {', '.join(MODES)}")
@@ -162,7 +164,7 @@ def predict(backbone, image: np.ndarray, text: tuple[torch.Tensor, torch.Tensor]
     x = normalise(backbone, resize_image(image, resize_scale))
     emb = emb.to(x.device)
     if mode == "single":
-        cos = single_logits(backbone, x, emb, (H, W))
+        cos = single_logits(backbone, x if prefix is None else prefix(x), emb, (H, W))
     else:
         if stride is None:
             raise ValueError("sliding mode needs a stride")

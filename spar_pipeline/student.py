@@ -9,6 +9,9 @@ One optimizer step is ``accumulate`` micro-steps (one image each) on every proce
 micro-step's MSE is divided by ``accumulate`` and DDP averages over the processes, so an
 optimizer step follows the mean gradient of ``images_per_step = accumulate · world`` images,
 whatever the split between processes and accumulation.
+
+On a CPU the blocks before the first trainable one run once per image: their output is kept
+(``prefixes.PrefixCache``) and each later epoch starts from it, the same tensors the full pass would make.
 """
 
 from __future__ import annotations
@@ -21,16 +24,18 @@ import torch.nn.functional as F
 
 from spar_pipeline.devices import autocast, autocast_dtype
 from spar_pipeline.errors import TrainError
+from spar_pipeline.prefixes import BUDGET_BYTES, PrefixCache
 
 __all__ = ["Student"]
 
 
 class Student:
     """``model`` with ``trainable`` unfrozen, AdamW over those parameters, a grad scaler for fp16
-    autocast, and (``ddp``) a DistributedDataParallel wrapper for the forward."""
+    autocast, (``ddp``) a DistributedDataParallel wrapper for the forward, and on a CPU the frozen blocks'
+    output per image, up to ``prefix_budget`` bytes (0: none kept)."""
 
     def __init__(self, model: torch.nn.Module, trainable: str, *, lr: float, weight_decay: float, precision: str,
-                 device: torch.device, accumulate: int = 1, ddp: bool = False):
+                 device: torch.device, accumulate: int = 1, ddp: bool = False, prefix_budget: int = BUDGET_BYTES):
         if accumulate < 1:
             raise TrainError(f"accumulate={accumulate}: must be ≥ 1")
         self.model, self.device, self.accumulate = model.to(device).eval(), device, accumulate
@@ -49,20 +54,34 @@ class Student:
             self.net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                            find_unused_parameters=True)
         self.micro = 0  # micro-steps since the last optimizer step
+        self.depth = model.frozen_depth() if device.type == "cpu" and prefix_budget > 0 else 0
+        self.prefixes = PrefixCache(prefix_budget)
 
     def autocast(self):
         return autocast(self.device, self.amp)
 
-    def input(self, img: torch.Tensor) -> torch.Tensor:
-        """uint8 [3, H, W] -> the normalised float batch [1, 3, H, W] on the device."""
-        x = img.to(self.device, non_blocking=True)[None].float().div_(255.0)
-        return self.model.normalize(x)
+    def input(self, img: torch.Tensor, key=None):
+        """uint8 [3, H, W] -> the normalised float batch [1, 3, H, W] on the device; with ``key`` (the image's
+        id) and frozen leading blocks, their output instead (a ``Partial``: the model's forward finishes it)."""
+        def normalised() -> torch.Tensor:
+            x = img.to(self.device, non_blocking=True)[None].float().div_(255.0)
+            return self.model.normalize(x)
 
-    def train_step(self, img: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        if key is None or not self.depth:
+            return normalised()
+
+        def frozen():
+            with torch.no_grad(), self.autocast():
+                return self.model.prefix(normalised(), self.depth)
+
+        return self.prefixes.get(key, frozen)
+
+    def train_step(self, img: torch.Tensor, teacher: torch.Tensor, key=None) -> tuple[torch.Tensor, bool]:
         """One image: forward, MSE against ``teacher`` [h, w, D], backward; the optimizer steps on
-        the last micro-step of each ``accumulate``. Returns (the image's loss, whether it stepped)."""
+        the last micro-step of each ``accumulate``. Returns (the image's loss, whether it stepped). ``key``
+        names the image for the frozen blocks' output (``input``)."""
         last = self.micro + 1 == self.accumulate
-        x, target = self.input(img), teacher.to(self.device, non_blocking=True)[None].float()
+        x, target = self.input(img, key), teacher.to(self.device, non_blocking=True)[None].float()
         sync = self.net.no_sync() if not last and self.net is not self.model else contextlib.nullcontext()
         with sync:
             with self.autocast():
@@ -81,10 +100,10 @@ class Student:
         return loss.detach(), last
 
     @torch.no_grad()
-    def mse(self, img: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    def mse(self, img: torch.Tensor, teacher: torch.Tensor, key=None) -> torch.Tensor:
         """The single-pass MSE of one image against its teacher map, without a gradient (validation)."""
         with self.autocast():
-            out = self.model(self.input(img))
+            out = self.model(self.input(img, key))
         return F.mse_loss(out.float(), teacher.to(self.device)[None].float()).double()
 
     # ---- state: weights that change, the optimizer, the scaler -----------------------------------

@@ -174,8 +174,8 @@ class Trainer:
             for epoch in range(s.epoch, self.cfg.epochs):
                 s.epoch, tick = epoch, time.perf_counter()
                 with contextlib.closing(self.batches(epoch)) as batches:  # closing stops the loader workers
-                    for _image_id, img, teacher in batches:
-                        loss, stepped = self.student.train_step(img, teacher)
+                    for image_id, img, teacher in batches:
+                        loss, stepped = self.student.train_step(img, teacher, key=image_id)
                         s.add(loss)
                         if not stepped:  # gradients accumulate until images_per_step images are in
                             continue
@@ -232,8 +232,8 @@ class Trainer:
             return None
         ids = [it.image_id for it in self.spec.val_items][self.rank::self.world]
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
-        for _image_id, img, teacher in self.val_data.read(ids):
-            total[0] += self.student.mse(img, teacher)
+        for image_id, img, teacher in self.val_data.read(ids):
+            total[0] += self.student.mse(img, teacher, key=image_id)
             total[1] += 1
         mse_sum, n = distributed.all_reduce_sum(total.tolist(), self.device)
         return mse_sum / n

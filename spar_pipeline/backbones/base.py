@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn as nn
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from spar_pipeline.errors import BackboneError
 
-__all__ = ["Backbone", "BackboneError", "parse_trainable"]
+__all__ = ["Backbone", "BackboneError", "Partial", "parse_trainable"]
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,15 @@ def parse_trainable(spec: str) -> list[tuple[str, int | None]]:
     if not out:
         raise BackboneError(f"trainable spec {spec!r} names nothing; use e.g. blk_-1,blk_-2")
     return out
+
+
+class Partial(NamedTuple):
+    """A single pass stopped after its first ``depth`` blocks: what ``Backbone.finish`` needs to end it.
+    Models that share those blocks (a student and its pretrained model) can finish the same one."""
+
+    tokens: torch.Tensor
+    depth: int
+    grid: tuple[int, int, int]  # (batch, grid height, grid width) of the dense map
 
 
 class Backbone(nn.Module):
@@ -78,9 +87,57 @@ class Backbone(nn.Module):
     def encode_text(self, prompts: list[str]) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    # The single pass in parts, for families whose dense path runs its blocks one after another unchanged
+    # (``dense(x) == finish(prefix(x, d))`` for 0 ≤ d ≤ split_limit()); the others keep 0 and are never split.
+    def split_limit(self) -> int:
+        """How many leading blocks a single pass can stop after (0: this family's pass is not split)."""
+        return 0
+
+    def embed_params(self) -> list[nn.Parameter]:
+        """The parameters the pass uses before its first block (patch and position embeddings, ...)."""
+        return []
+
+    def prefix(self, x: torch.Tensor, depth: int) -> Partial:  # pragma: no cover - abstract
+        raise NotImplementedError(f"{self.name}: the {self.family} single pass is not split")
+
+    def finish(self, p: Partial) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError(f"{self.name}: the {self.family} single pass is not split")
+
+    def prefix_params(self, depth: int) -> list[nn.Parameter]:
+        """Every parameter ``prefix(x, depth)`` reads."""
+        return self.embed_params() + [p for blk in list(self.blocks())[:depth] for p in blk.parameters()]
+
+    def frozen_depth(self) -> int:
+        """The deepest split whose parameters are all frozen: what training never changes, so a single pass
+        up to it is the same every epoch (``student``'s prefix cache)."""
+        depth = 0
+        while depth < self.split_limit() and not any(p.requires_grad for p in self.prefix_params(depth + 1)):
+            depth += 1
+        return depth
+
+    def depth_frozen_by(self, spec: str) -> int:
+        """``frozen_depth`` of this model trained with ``spec``; its own trainable flags are left as they were."""
+        flags = [p.requires_grad for p in self.parameters()]
+        try:
+            self.set_trainable(spec)
+            return self.frozen_depth()
+        finally:
+            for p, f in zip(self.parameters(), flags):
+                p.requires_grad_(f)
+
+    def prefix_digest(self, depth: int) -> str:
+        """Identity of ``prefix(·, depth)``: the family, the depth and sha256 over its parameters' bytes."""
+        h = hashlib.sha256(f"{type(self).__name__}|{depth}|".encode())
+        for p in self.prefix_params(depth):
+            v = p.detach().to("cpu").contiguous()
+            h.update(f"{v.dtype}|{tuple(v.shape)}|".encode())
+            h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()[:16]
+
     # ---- shared ---------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dense(x)
+    def forward(self, x: torch.Tensor | Partial) -> torch.Tensor:
+        """The dense map of an image batch, or the end of a ``Partial`` pass."""
+        return self.finish(x) if isinstance(x, Partial) else self.dense(x)
 
     def normalize(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
         """The input every dense path takes: ``(x − scale·mean) / (scale·std)`` per channel of a float

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from spar_pipeline.backbones.base import Backbone
+from spar_pipeline.backbones.base import Backbone, Partial
 
 __all__ = ["SiglipBackbone", "MaskClipBackbone", "attention_pool_bypass"]
 
@@ -46,7 +46,17 @@ class SiglipBackbone(_OpenClipText, Backbone):
     def patchembed_params(self):
         return [p for n, p in self.model.visual.named_parameters() if "patch_embed" in n]
 
+    def split_limit(self) -> int:
+        return len(self.blocks())
+
+    def embed_params(self):
+        t = self.trunk
+        return [*t.patch_embed.parameters(), t.pos_embed, *t.norm_pre.parameters()]
+
     def dense(self, x: torch.Tensor) -> torch.Tensor:
+        return self.finish(self.prefix(x, 0))
+
+    def prefix(self, x: torch.Tensor, depth: int) -> Partial:
         t = self.trunk
         B, _, H, W = x.shape
         P = self.patch_size
@@ -64,8 +74,16 @@ class SiglipBackbone(_OpenClipText, Backbone):
         # float32 table promotes the fp16 patch tokens, so the residual stream stays float32 in every block.
         tokens = tokens + grid.to(pos.dtype).permute(0, 2, 3, 1).reshape(1, gh * gw, -1)
         tokens = t.norm_pre(t.patch_drop(t.pos_drop(tokens)))
-        tokens = t.norm(t.blocks(tokens))
-        return attention_pool_bypass(t.attn_pool, tokens).reshape(B, gh, gw, -1)
+        for blk in t.blocks[:depth]:
+            tokens = blk(tokens)
+        return Partial(tokens, depth, (B, gh, gw))
+
+    def finish(self, p: Partial) -> torch.Tensor:
+        t = self.trunk
+        tokens = p.tokens
+        for blk in t.blocks[p.depth:]:
+            tokens = blk(tokens)
+        return attention_pool_bypass(t.attn_pool, t.norm(tokens)).reshape(*p.grid, -1)
 
 
 def attention_pool_bypass(pool: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
@@ -94,7 +112,17 @@ class MaskClipBackbone(_OpenClipText, Backbone):
     def patchembed_params(self):
         return list(self.visual.conv1.parameters())
 
+    def split_limit(self) -> int:
+        return len(self.blocks()) - 1  # the last block is MaskCLIP's own (value path only): never shared
+
+    def embed_params(self):
+        v = self.visual
+        return [*v.conv1.parameters(), v.class_embedding, v.positional_embedding, *v.ln_pre.parameters()]
+
     def dense(self, x: torch.Tensor) -> torch.Tensor:
+        return self.finish(self.prefix(x, 0))
+
+    def prefix(self, x: torch.Tensor, depth: int) -> Partial:
         v = self.visual
         B = x.shape[0]
         x = v.conv1(x)  # leftover bottom/right pixels (< P) are dropped, as the reference does
@@ -112,14 +140,20 @@ class MaskClipBackbone(_OpenClipText, Backbone):
                 raise RuntimeError(f"position grid {tuple(grid.shape[-2:])} != {(gh, gw)}")
             pos = torch.cat([pos[:1], grid.to(x.dtype).permute(0, 2, 3, 1).reshape(gh * gw, width)])
         x = v.ln_pre(v.patch_dropout(x + pos))
-        blocks = self.blocks()
-        for blk in blocks[:-1]:
+        for blk in self.blocks()[:depth]:
             x = blk(x)
-        last = blocks[-1]
+        return Partial(x, depth, (B, gh, gw))
+
+    def finish(self, p: Partial) -> torch.Tensor:
+        v, x = self.visual, p.tokens
+        blocks = self.blocks()
+        for blk in blocks[p.depth:-1]:
+            x = blk(x)
+        last, width = blocks[-1], x.shape[-1]
         # MaskCLIP: value path only in the last block; both residuals and the MLP kept.
         y = last.ln_1(x)
         val = F.linear(y, last.attn.in_proj_weight[2 * width:], last.attn.in_proj_bias[2 * width:])
         x = x + last.attn.out_proj(val)
         x = x + last.mlp(last.ln_2(x))
         x = v.ln_post(x) @ v.proj
-        return x[:, 1:].reshape(B, gh, gw, -1)
+        return x[:, 1:].reshape(*p.grid, -1)

@@ -305,3 +305,29 @@ def test_real_architecture_random_weights_dense_512x768(name):
     with torch.no_grad():
         out = b.dense(torch.randn(1, 3, 512, 768))
     assert out.shape == (1, 32, 48, dim) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", ["tiny-clip", "tiny-siglip", "mini-clip"])
+def test_a_single_pass_split_anywhere_is_the_same_pass(name):
+    """``finish(prefix(x, d))`` is ``dense(x)`` to the bit at every split; the frozen depth and the prefix's
+    digest follow what the trainable spec leaves unchanged."""
+    b = build(name).eval()
+    x = torch.randn(2, 3, 70, 100, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = b.dense(x)
+        for d in range(b.split_limit() + 1):
+            assert torch.equal(b(b.prefix(x, d)), want), d
+    n = len(b.blocks())
+    assert b.split_limit() == (n - 1 if name == "tiny-clip" else n)  # MaskCLIP's last block is its own
+    b.set_trainable("blk_-1")
+    assert b.frozen_depth() == min(n - 1, b.split_limit())
+    b.set_trainable("blk_-1,patchembed")
+    assert b.frozen_depth() == 0
+    other = build(name).eval()
+    other.set_trainable("blk_-1")
+    digest = other.prefix_digest(n - 1)
+    with torch.no_grad():
+        other.blocks()[-1].parameters().__next__().add_(1.0)  # a trained last block: its prefix is the same
+        assert other.prefix_digest(n - 1) == digest == b.prefix_digest(n - 1)
+        other.blocks()[0].parameters().__next__().add_(1.0)
+    assert other.prefix_digest(n - 1) != digest and other.prefix_digest(0) == b.prefix_digest(0)

@@ -442,3 +442,38 @@ def test_images_run_one_per_thread_in_order_with_the_same_maps_and_threads_put_b
     names.clear()
     assert [i for i, _ in evaluate._images_in_parallel(one, 3, torch.device("cuda"))] == [0, 1, 2]  # a GPU: in turn
     assert names == {threading.current_thread().name}
+
+
+def test_students_finish_the_pretrained_single_passes_they_share_with_the_same_rows(tmp_path, tiny):
+    """On a CPU the pretrained single pass keeps the blocks ``[train] trainable`` leaves frozen, and a student
+    whose frozen blocks are the pretrained ones finishes those passes instead of running them again: the same
+    rows (mIoU and per-class IoU) as each model evaluated alone; a student that changed an early block runs
+    its own."""
+    from safetensors.torch import save_file
+
+    from spar_pipeline.prefixes import PrefixCache
+
+    data = tmp_path / "data"
+    make_synthetic("voc20", data, n=3, size=(48, 64))
+    recipe = load_recipe("tiny-cpu")
+    recipe = dataclasses.replace(recipe, evaluate=dataclasses.replace(recipe.evaluate, timing_warmup=0))
+    blocks = [k for k, v in tiny.state_dict().items() if "trunk.blocks" in k and k.endswith("weight") and v.ndim == 2]
+    files = {}
+    for name, key in (("late", blocks[-1]), ("early", blocks[0])):
+        state = {k: v.clone().contiguous() for k, v in tiny.state_dict().items()}
+        state[key] += 0.05 * torch.randn(state[key].shape, generator=torch.Generator().manual_seed(1))
+        files[name] = str(tmp_path / f"{name}.safetensors")
+        save_file(state, files[name])
+    rows = {}
+    for shared in (False, True):
+        run = Run(str(tmp_path / f"run{int(shared)}"))
+        run.resolve_recipe(recipe)
+        kept = PrefixCache() if shared else None
+        rows[shared] = [r for ck in ("pretrained", files["late"], files["early"])
+                        for r in evaluate.run(run, {"voc20": str(data)}, checkpoints=[ck], scales=[1.0, 2.0],
+                                              timing_size=(32, 64), prefixes=kept)]
+    key = [(r["model"], r["scale"], r["miou"], r["class_iou"]) for r in rows[False]]
+    assert key == [(r["model"], r["scale"], r["miou"], r["class_iou"]) for r in rows[True]]
+    assert len({r["miou"] for r in rows[False] if r["scale"] == 2.0}) > 1  # the three models differ
+    # 3 images × 2 scales: kept by pretrained, finished by "late"; "early" made (and kept) its own
+    assert (kept.misses, kept.hits, len(kept)) == (12, 6, 12)

@@ -50,3 +50,33 @@ def test_dense_inside_a_training_step_equals_eval(name):
     assert stepped and loss > 0
     assert any(not torch.equal(p, before[n]) for n, p in student.params)  # it was a real optimizer step
     assert not any(m.training for m in model.modules())
+
+
+def test_frozen_blocks_kept_per_image_train_the_same_weights():
+    """On a CPU the frozen blocks' output is kept per image and later epochs start from it: the same losses
+    and weights to the bit as the full pass each time, with the blocks run once per image."""
+    images = [_image(i, (64, 80)) for i in range(3)]
+    targets = [torch.randn(8, 10, 96, generator=torch.Generator().manual_seed(10 + i)) for i in range(3)]
+    runs = {}
+    for budget in (0, 1 << 26):
+        torch.manual_seed(0)
+        student = Student(build("mini-clip"), "blk_-1,blk_-2", lr=1e-3, weight_decay=1e-4, precision="fp32",
+                          device=CPU, prefix_budget=budget)
+        losses = [student.train_step(img, t, key=i)[0].item()
+                  for _ in range(3) for i, (img, t) in enumerate(zip(images, targets))]
+        losses.append(student.mse(images[0], targets[0], key=0).item())
+        runs[budget] = (losses, {n: p.detach().clone() for n, p in student.params}, student)
+    (plain, w0, s0), (kept, w1, s1) = runs[0], runs[1 << 26]
+    assert s0.depth == 0 and s1.depth == 4 and len(s1.prefixes) == 3
+    assert s1.prefixes.misses == 3 and s1.prefixes.hits == 7  # 9 steps and a validation over 3 images
+    assert plain == kept
+    assert all(torch.equal(w0[n], w1[n]) for n in w0)
+    assert plain[0] != plain[3]  # it learned: the second epoch's loss moved
+
+
+def test_a_budget_too_small_keeps_nothing_and_changes_nothing():
+    student = Student(build("mini-clip"), "blk_-1", lr=1e-3, weight_decay=1e-4, precision="fp32", device=CPU,
+                      prefix_budget=16)
+    student.train_step(_image(0), torch.zeros(8, 12, 96), key=0)
+    student.train_step(_image(0), torch.zeros(8, 12, 96), key=0)
+    assert student.depth == 5 and len(student.prefixes) == 0 and student.prefixes.misses == 2
