@@ -31,6 +31,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from spar_pipeline.backbones.base import Backbone
 from spar_pipeline.devices import model_device
 from spar_pipeline.errors import EvaluateError
 from spar_pipeline.prefixes import PrefixCache
@@ -93,7 +94,8 @@ def run(run_dir: Run | None, datasets: dict[str, str], *, checkpoints: Sequence[
         prefixes = None  # a GPU runs the blocks again faster than it would hold them
     elif prefixes is None and len(checkpoints) > 1:
         prefixes = PrefixCache()
-    depth = pretrained.depth_frozen_by(recipe.train.trainable) if prefixes is not None else 0
+    shares = prefixes is not None and isinstance(pretrained, Backbone)
+    depth = pretrained.depth_frozen_by(recipe.train.trainable) if shares else 0
 
     # Text features once per dataset, from the pretrained text tower (never a student's), when first needed.
     tmpl, text = templates(), {}
@@ -146,7 +148,7 @@ def _evaluate_one(model, label: str, bench, name: str, n: int, text, cfg, mode: 
     metric = SegMetric(bench.num_classes)
 
     start = None
-    if shared is not None and model.split_limit():
+    if shared is not None and isinstance(model, Backbone) and model.split_limit():
         cache, depth, root = shared
         depth, digest = min(depth, model.split_limit()), model.prefix_digest(min(depth, model.split_limit()))
 

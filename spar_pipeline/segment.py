@@ -67,7 +67,9 @@ def normalise(backbone, image: np.ndarray) -> torch.Tensor:
 def cosine_maps(backbone, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
     """[B, 3, h, w] normalised (or a ``Partial`` pass of it) -> cosine with each query [B, Q, h/P, w/P] (the
     backbone's own grid)."""
-    feats = F.normalize(backbone(x).float(), dim=-1)
+    from spar_pipeline.backbones.base import Partial
+
+    feats = F.normalize((backbone.finish(x) if isinstance(x, Partial) else backbone.dense(x)).float(), dim=-1)
     return torch.einsum("bhwd,qd->bqhw", feats, emb.to(feats.device, torch.float32))
 
 
