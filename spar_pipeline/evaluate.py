@@ -25,6 +25,7 @@ import io
 import logging
 import math
 import time
+import weakref
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 
 STAGE = "evaluate"
 MODE_CHOICES = ("single", "sliding")
+_TEXTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # pretrained model -> its class embeddings
 
 
 # ---- public ------------------------------------------------------------------------------
@@ -97,14 +99,16 @@ def run(run_dir: Run | None, datasets: dict[str, str], *, checkpoints: Sequence[
     shares = prefixes is not None and isinstance(pretrained, Backbone)
     depth = pretrained.depth_frozen_by(recipe.train.trainable) if shares else 0
 
-    # Text features once per dataset, from the pretrained text tower (never a student's), when first needed.
-    tmpl, text = templates(), {}
+    # Text features once per class list, from the pretrained text tower (never a student's), when first needed;
+    # kept with a built pretrained model for the next call given the same one (``run`` evaluates in several calls).
+    tmpl, text = templates(), _TEXTS.setdefault(pretrained, {})
 
     def text_of(name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        if name not in text:
+        key = (tuple(benches[name].class_lines), str(dev))
+        if key not in text:
             emb, index = pretrained.class_embeddings(benches[name].class_lines, tmpl)
-            text[name] = (emb.detach().to(dev), index.to(dev))
-        return text[name]
+            text[key] = (emb.detach().to(dev), index.to(dev))
+        return text[key]
 
     existing = _existing(run_dir) if run_dir is not None and not redo else {}
     rows: list[dict] = []
@@ -147,13 +151,7 @@ def _evaluate_one(model, label: str, bench, name: str, n: int, text, cfg, mode: 
     ds_cfg, size = cfg.datasets[name], scaled(resize_scale(name, cfg), scale)
     metric = SegMetric(bench.num_classes)
 
-    start = None
-    if shared is not None and isinstance(model, Backbone) and model.split_limit():
-        cache, depth, root = shared
-        depth, digest = min(depth, model.split_limit()), model.prefix_digest(min(depth, model.split_limit()))
-
-        def start(x: torch.Tensor, i: int):
-            return cache.get((digest, root, i, size), lambda: model.prefix(x, depth))
+    start = _kept_passes(model, shared, size)
 
     def one(i: int):
         image, gt, _ = bench[i]
@@ -175,6 +173,17 @@ def _evaluate_one(model, label: str, bench, name: str, n: int, text, cfg, mode: 
             "forward_width": fwd.size[1], "predict_seconds": float(predict_seconds), "images": int(n),
             "class_iou": [float(v) for v in result["iou"]],
             "class_names": [line.strip() for line in bench.class_lines]}
+
+
+def _kept_passes(model, shared: tuple[PrefixCache, int, str] | None, size: tuple[int, ...]):
+    """(normalised image, index) -> the image's single pass up to the shared depth, from ``shared``'s cache
+    (made and kept on a miss); None when nothing is shared. The key holds the digest of the blocks run."""
+    if shared is None or not isinstance(model, Backbone) or not model.split_limit():
+        return None
+    cache, depth, root = shared
+    depth = min(depth, model.split_limit())
+    digest = model.prefix_digest(depth)
+    return lambda x, i: cache.get((digest, root, i, size), lambda: model.prefix(x, depth))
 
 
 def _images_in_parallel(one, n: int, device: torch.device) -> Iterator:

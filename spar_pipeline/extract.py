@@ -17,6 +17,7 @@ the same input on CPU), so two extracts on one run may duplicate work but never 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -111,6 +112,11 @@ def _model(spec: ExtractSpec):
         _MODELS.clear()
         _MODELS[key] = b
     return _MODELS[key]
+
+
+def _warm_up() -> None:
+    """Import what a teacher needs (torch, open_clip, timm: seconds on a CPU) before the first batch arrives."""
+    import spar_pipeline.backbones  # noqa: F401
 
 
 def _worker_id() -> str:
@@ -261,25 +267,28 @@ def run(run_dir: Run, *, gpus: list[int] | None = None, workers: int | None = No
     given = {**(settings or {}), **({} if stride is None else {"stride": stride})}
     frozen = folder.plan(asdict(recipe.extract), given)  # refused here, before anything is built or written
     cfg = extract_config(recipe.extract, frozen, f"[teachers.{teacher}]", redact(run_dir.url))
-    # Built on CPU only to fingerprint the weights: the client never initialises CUDA.
-    probe = build(recipe.recipe.backbone, checkpoint=recipe.recipe.checkpoint or None)
-    fp = teacher_fingerprint(run_dir, probe.weights_digest, probe.patch_size, cfg)
-    del probe
-    folder.check(fp)  # another fingerprint is refused before the store is touched
-    FeatureStore.create(folder.store_url, fp, storage_options=run_dir.storage_options,
-                        codec=cfg.codec, level=cfg.codec_level, dtype=cfg.store_dtype)
-    folder.freeze(frozen, fp)  # after the store accepted the fingerprint
     items = plan(run_dir, limit, teacher)
-    if not items:
-        log.info("extract: nothing pending")
-        return dict(done=0, rejected=0, windows=0, forward_seconds=0.0, task_seconds=0.0, seconds=0.0)
-    spec = ExtractSpec(run_dir.url, run_dir.storage_options, recipe.recipe.backbone, recipe.recipe.checkpoint,
-                       replace(cfg, window_batch=window_batch or cfg.window_batch), recipe.ingest.max_pixels, fp,
-                       teacher)
-    batches = _batches(items, cfg.images_per_task)
-    totals = dict(done=0, rejected=0, windows=0, forward_seconds=0.0, task_seconds=0.0)
-    per_worker: dict[str, int] = {}
-    with open_engine(gpus, workers, scheduler) as engine:
+    # The workers start first and import the model's code while the client builds its probe (each ~5 s on a CPU).
+    with open_engine(gpus, workers, scheduler) if items else contextlib.nullcontext() as engine:
+        warming = [] if engine is None else [engine.client.submit(_warm_up, workers=[w], pure=False)
+                                             for w in engine.client.scheduler_info()["workers"]]  # held: not released
+        # Built on CPU only to fingerprint the weights: the client never initialises CUDA.
+        probe = build(recipe.recipe.backbone, checkpoint=recipe.recipe.checkpoint or None)
+        fp = teacher_fingerprint(run_dir, probe.weights_digest, probe.patch_size, cfg)
+        del probe
+        folder.check(fp)  # another fingerprint is refused before the store is touched
+        FeatureStore.create(folder.store_url, fp, storage_options=run_dir.storage_options,
+                            codec=cfg.codec, level=cfg.codec_level, dtype=cfg.store_dtype)
+        folder.freeze(frozen, fp)  # after the store accepted the fingerprint
+        if not items:
+            log.info("extract: nothing pending")
+            return dict(done=0, rejected=0, windows=0, forward_seconds=0.0, task_seconds=0.0, seconds=0.0)
+        spec = ExtractSpec(run_dir.url, run_dir.storage_options, recipe.recipe.backbone, recipe.recipe.checkpoint,
+                           replace(cfg, window_batch=window_batch or cfg.window_batch), recipe.ingest.max_pixels, fp,
+                           teacher)
+        batches = _batches(items, cfg.images_per_task)
+        totals = dict(done=0, rejected=0, windows=0, forward_seconds=0.0, task_seconds=0.0)
+        per_worker: dict[str, int] = {}
         log.info("extract: teacher %s (stride %d): %d images in %d batches on %s", teacher, cfg.stride, len(items),
                  len(batches), engine.description)
         futures = [
@@ -294,6 +303,7 @@ def run(run_dir: Run, *, gpus: list[int] | None = None, workers: int | None = No
                 totals["task_seconds"] += rep["seconds"]
                 per_worker[rep["worker"]] = per_worker.get(rep["worker"], 0) + rep["done"] + rep["rejected"]
                 bar.update(rep["done"] + rep["rejected"], windows=rep["windows"], workers=per_worker)
+        del warming
     seconds = time.perf_counter() - t0
     finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
     manifest.write_part(run_dir, "summary", [dict(

@@ -61,6 +61,9 @@ def run_all(
         log.info("%s finished in %.1f s", name, timings[name])
         return out
 
+    bench = None  # the mini recipe's own benchmark, written beside the first stages when none is given
+    if not datasets and demo.is_mini(run) and "scenes" in run.recipe.evaluate.datasets:
+        bench = demo.benchmark_started(run)
     if not sources and not links:
         if not demo.generates_source(run):
             raise RunError(f"recipe {run.recipe.name!r} needs SA-1B tars: give paths/globs/URLs or --links FILE "
@@ -87,8 +90,8 @@ def run_all(
                                 teacher=s.teacher, seed=s.seed, images=s.images, settings=s.train)
     reports["students"] = trained
     reports["train"] = trained.get(DEFAULT) or next(iter(trained.values()))
-    if not datasets and demo.is_mini(run) and "scenes" in run.recipe.evaluate.datasets:
-        datasets = demo.embedded_benchmark(run)
+    if bench is not None:
+        datasets = bench()
     if datasets:
         from spar_pipeline import evaluate
 
@@ -101,23 +104,29 @@ def run_all(
         swept = {DEFAULT} | {n for n, s in plans.items() if _seed_of_default(s, plans.get(DEFAULT))}
 
         def evaluate_all() -> list[dict]:
+            from spar_pipeline.devices import worker_device
             from spar_pipeline.prefixes import PrefixCache
+            from spar_pipeline.weights import pretrained_model
 
-            # On a CPU the pretrained single passes keep the blocks the students freeze, for the students to finish
-            kept = PrefixCache()
-            rows = evaluate.run(run, datasets, checkpoints=["pretrained"], modes=("single", "sliding"), prefixes=kept)
+            # One pretrained model (and its class embeddings) for every call; on a CPU its single passes keep the
+            # blocks the students freeze, for the students to finish.
+            kept, (pre, _) = PrefixCache(), pretrained_model(None, run.recipe, worker_device())
+            rows = evaluate.run(run, datasets, checkpoints=["pretrained"], modes=("single", "sliding"), prefixes=kept,
+                                backbone=pre)
             if more:
-                rows += evaluate.run(run, datasets, checkpoints=["pretrained"], scales=more, prefixes=kept)
+                rows += evaluate.run(run, datasets, checkpoints=["pretrained"], scales=more, prefixes=kept, backbone=pre)
                 if scale_strides:
                     rows += evaluate.run(run, datasets, checkpoints=["pretrained"], modes=("sliding",),
-                                         strides=scale_strides, scales=more)
+                                         strides=scale_strides, scales=more, backbone=pre)
             for name, report in trained.items():  # a student trained further in this call has new weights: redo
                 if not run.fs.exists(run.student(name).best_weights):  # stopped before its first epoch
                     continue
                 label, redo = "best" if name == DEFAULT else name, bool(report.get("steps_this_run"))
-                rows += evaluate.run(run, datasets, checkpoints=[label], modes=("single",), redo=redo, prefixes=kept)
+                rows += evaluate.run(run, datasets, checkpoints=[label], modes=("single",), redo=redo, prefixes=kept,
+                                     backbone=pre)
                 if more and name in swept:
-                    rows += evaluate.run(run, datasets, checkpoints=[label], scales=more, redo=redo, prefixes=kept)
+                    rows += evaluate.run(run, datasets, checkpoints=[label], scales=more, redo=redo, prefixes=kept,
+                                         backbone=pre)
             return rows
 
         reports["evaluate"] = timed("evaluate", evaluate_all)
