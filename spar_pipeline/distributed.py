@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-__all__ = ["free_port", "spawn", "active", "all_reduce_sum", "broadcast", "gather", "Launched", "launched",
+__all__ = ["free_port", "spawn", "active", "all_reduce_sum", "broadcast", "gather", "Launched", "launched", "settle",
            "init_launched", "leave", "peer_lost", "local_gpu", "torchrun_command", "timeout"]
 
 TIMEOUT = timedelta(minutes=30)  # a collective waits this long for a slow rank (a long validation, a resume)
@@ -72,6 +72,7 @@ def _rank_main(rank: int, target: Callable[..., Any], world: int, gpus: Sequence
         result = target(rank, world, *args)
         if rank == 0:
             results.put(result)
+        settle()  # a failed rank skips it; spawn's join then ends the others
     finally:
         torch.distributed.destroy_process_group()
 
@@ -140,6 +141,12 @@ def init_launched(where: Launched) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, where.local_world)))
     torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo", init_method="env://",
                                          rank=where.rank, world_size=where.world, timeout=timeout())
+
+
+def settle() -> None:
+    """Wait for every rank to finish before any leaves: a gloo process whose peer tore its connections down
+    first could abort ("terminate called without an active exception", seen under load in the suite)."""
+    torch.distributed.barrier()
 
 
 def leave() -> None:

@@ -112,7 +112,9 @@ def _train_launched(spec: TrainSpec, where: distributed.Launched) -> dict:
     """One torchrun process: join its group (env://), train its rank's share, leave."""
     distributed.init_launched(where)
     try:
-        return Trainer(spec, where.rank, where.world).train()
+        report = Trainer(spec, where.rank, where.world).train()
+        distributed.settle()
+        return report
     except RuntimeError as e:
         why = distributed.peer_lost(e)
         if why is None:
