@@ -114,7 +114,8 @@ def run_all(
             rows = evaluate.run(run, datasets, checkpoints=["pretrained"], modes=("single", "sliding"), prefixes=kept,
                                 backbone=pre)
             if more:
-                rows += evaluate.run(run, datasets, checkpoints=["pretrained"], scales=more, prefixes=kept, backbone=pre)
+                rows += evaluate.run(run, datasets, checkpoints=["pretrained"], scales=more, prefixes=kept,
+                                     backbone=pre)
                 if scale_strides:
                     rows += evaluate.run(run, datasets, checkpoints=["pretrained"], modes=("sliding",),
                                          strides=scale_strides, scales=more, backbone=pre)
