@@ -27,7 +27,7 @@ import math
 import time
 import weakref
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -126,7 +126,8 @@ def run(run_dir: Run | None, datasets: dict[str, str], *, checkpoints: Sequence[
                     txt = text_of(name)  # before the student is built: the pretrained text tower
                     if model is None:
                         model = pretrained if paths[ck] is None else build(bname, paths[ck], device=dev)
-                    shared = (prefixes, depth, datasets[name]) if mode == "single" and depth else None
+                        from_kept = _kept_passes(model, prefixes, depth)
+                    shared = (from_kept, datasets[name]) if mode == "single" and from_kept is not None else None
                     row = _evaluate_one(model, label, bench, name, n, txt, cfg, mode, stride, scale,
                                         timing_size or cfg.timing_size, shared)
                     if run_dir is not None:
@@ -140,10 +141,11 @@ def run(run_dir: Run | None, datasets: dict[str, str], *, checkpoints: Sequence[
 
 
 def _evaluate_one(model, label: str, bench, name: str, n: int, text, cfg, mode: str, stride: int, scale: float,
-                  timing_size: Sequence[int], shared: tuple[PrefixCache, int, str] | None = None) -> dict:
+                  timing_size: Sequence[int], shared: tuple[Callable, str] | None = None) -> dict:
     """One manifest row: ``n`` images of ``bench`` at ``scale`` × the recipe's
     resize, their mIoU and per-class IoU, the forward timing at ``timing_size`` × ``scale``. ``shared``:
-    (the cache, the depth, the dataset's root) of single passes kept for models sharing their first blocks."""
+    (``_kept_passes``' function for this model, the dataset's root): single passes kept for models sharing
+    their first blocks."""
     from spar_pipeline.datasets import resize_scale
     from spar_pipeline.metrics import SegMetric
     from spar_pipeline.segment import predict
@@ -151,11 +153,9 @@ def _evaluate_one(model, label: str, bench, name: str, n: int, text, cfg, mode: 
     ds_cfg, size = cfg.datasets[name], scaled(resize_scale(name, cfg), scale)
     metric = SegMetric(bench.num_classes)
 
-    start = _kept_passes(model, shared, size)
-
     def one(i: int):
         image, gt, _ = bench[i]
-        kept = None if start is None else (lambda x: start(x, i))
+        kept = None if shared is None else (lambda x: shared[0](x, (shared[1], i, size)))
         return predict(model, image, text, ds_cfg, size, mode, stride or None, cfg.window_batch, kept), gt
 
     t0 = time.perf_counter()
@@ -175,15 +175,15 @@ def _evaluate_one(model, label: str, bench, name: str, n: int, text, cfg, mode: 
             "class_names": [line.strip() for line in bench.class_lines]}
 
 
-def _kept_passes(model, shared: tuple[PrefixCache, int, str] | None, size: tuple[int, ...]):
-    """(normalised image, index) -> the image's single pass up to the shared depth, from ``shared``'s cache
-    (made and kept on a miss); None when nothing is shared. The key holds the digest of the blocks run."""
-    if shared is None or not isinstance(model, Backbone) or not model.split_limit():
+def _kept_passes(model, cache: PrefixCache | None, depth: int) -> Callable | None:
+    """(normalised image, key) -> the image's single pass through ``model``'s first ``depth`` blocks, from
+    ``cache`` (made and kept on a miss), under the key and the digest of those blocks' weights (hashed once
+    per model); None when nothing is shared."""
+    if cache is None or not depth or not isinstance(model, Backbone) or not model.split_limit():
         return None
-    cache, depth, root = shared
     depth = min(depth, model.split_limit())
     digest = model.prefix_digest(depth)
-    return lambda x, i: cache.get((digest, root, i, size), lambda: model.prefix(x, depth))
+    return lambda x, key: cache.get((digest, *key), lambda: model.prefix(x, depth))
 
 
 def _images_in_parallel(one, n: int, device: torch.device) -> Iterator:

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from spar_pipeline.backbones.base import Partial
 from spar_pipeline.devices import model_device
 
 __all__ = ["resize_keep_ratio", "resize_image", "normalise", "cosine_maps", "single_logits", "sliding_logits",
@@ -67,8 +68,6 @@ def normalise(backbone, image: np.ndarray) -> torch.Tensor:
 def cosine_maps(backbone, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
     """[B, 3, h, w] normalised (or a ``Partial`` pass of it) -> cosine with each query [B, Q, h/P, w/P] (the
     backbone's own grid)."""
-    from spar_pipeline.backbones.base import Partial
-
     feats = F.normalize((backbone.finish(x) if isinstance(x, Partial) else backbone.dense(x)).float(), dim=-1)
     return torch.einsum("bhwd,qd->bqhw", feats, emb.to(feats.device, torch.float32))
 
