@@ -21,6 +21,7 @@ def pretrain_mini(
         None, help="Wall-time cap in minutes (> 0; default: well above the reference run's). "
                    "A capped run is not the shipped reference."),
     threads: int = Count(2, help="CPU threads."),
+    batch: Optional[int] = Count(None, help="Scene-caption pairs per step (default: the shipped weights' batch)."),
 ) -> None:
     """Pretrain mini-clip, the miniature world's CLIP-style model, on generated scene-caption pairs.
 
@@ -34,7 +35,8 @@ def pretrain_mini(
             raise OptionError(f"--minutes {minutes}: must be > 0")
 
         rep = stage.main(out, seed, stage.MINUTES if minutes is None else minutes,
-                         stage.DEFAULT_STEPS if steps is None else steps, threads)
+                         stage.DEFAULT_STEPS if steps is None else steps, threads,
+                         batch=stage.BATCH if batch is None else batch)
         typer.echo(f"pretrain-mini: {rep['steps']} steps, loss {rep['loss']}, {rep['seconds']} s -> {rep['out']}")
 
 

@@ -122,8 +122,8 @@ def _lr(step: int, steps: int) -> float:
 
 
 def main(out: str | Path = "mini-clip.safetensors", seed: int = 0, minutes: float = MINUTES,
-         steps: int = DEFAULT_STEPS, threads: int = 2, pool: int = POOL) -> dict:
-    """Train mini-clip for ``steps`` steps of ``BATCH`` pairs drawn from ``pool`` generated scenes
+         steps: int = DEFAULT_STEPS, threads: int = 2, pool: int = POOL, batch: int = BATCH) -> dict:
+    """Train mini-clip for ``steps`` steps of ``batch`` pairs drawn from ``pool`` generated scenes
     (stopping early past ``minutes``) and write the weights to ``out``. Returns a small report (steps,
     loss, seconds, capped)."""
     from safetensors.torch import save_file
@@ -154,9 +154,9 @@ def main(out: str | Path = "mini-clip.safetensors", seed: int = 0, minutes: floa
             log.warning("pretrain-mini: stopped by the %.0f-minute cap at step %d of %d; NOT the reference weights",
                         minutes, step, steps)
             break
-        idx = torch.randint(0, pool, (BATCH,), generator=g)
+        idx = torch.randint(0, pool, (batch,), generator=g)
         x = images[idx].permute(0, 3, 1, 2).float()
-        flip = torch.rand(BATCH, generator=g) < 0.5
+        flip = torch.rand(batch, generator=g) < 0.5
         x[flip] = x[flip].flip(-1)
         x = b.normalize(x, scale=255.0)
         target = under[idx]
@@ -171,9 +171,9 @@ def main(out: str | Path = "mini-clip.safetensors", seed: int = 0, minutes: floa
         # Scenes may share a caption: every text equal to an image's own caption is a positive for it.
         same = (tokens[idx][:, None, :] == texts[None, :, :]).all(-1).float()
         to_text = same / same.sum(1, keepdim=True)
-        to_image = same[:, :BATCH].T / same[:, :BATCH].T.sum(1, keepdim=True)
+        to_image = same[:, :batch].T / same[:, :batch].T.sum(1, keepdim=True)
         loss = (torch.sum(-to_text * logits.log_softmax(1), 1).mean()
-                + torch.sum(-to_image * logits[:, :BATCH].T.log_softmax(1), 1).mean()) / 2
+                + torch.sum(-to_image * logits[:, :batch].T.log_softmax(1), 1).mean()) / 2
         # Dense alignment (as SigLIP 2 and TIPS add to CLIP's loss): each patch token against the phrases,
         # its own (the object or background under its centre) the positive; one template per step.
         words = F.normalize(model.encode_text(phrase_tokens[step % len(tpl)]), dim=-1)
@@ -192,7 +192,7 @@ def main(out: str | Path = "mini-clip.safetensors", seed: int = 0, minutes: floa
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in b.state_dict().items()}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(out), metadata={"seed": str(seed), "steps": str(step), "batch": str(BATCH),
+    save_file(state, str(out), metadata={"seed": str(seed), "steps": str(step), "batch": str(batch),
                                          "pool": str(pool), "command": "spar-pipeline pretrain-mini"})
     report = dict(steps=step, loss=round(loss_avg, 4), seconds=round(time.perf_counter() - t0, 1),
                   capped=step < steps, out=str(out))

@@ -137,6 +137,7 @@ def test_hard_negative_changes_one_shape_and_nothing_else():
 
 
 def test_pretraining_is_a_pure_function_of_its_seed(tmp_path):
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     from spar_pipeline.mini import pretrain
@@ -148,6 +149,11 @@ def test_pretraining_is_a_pure_function_of_its_seed(tmp_path):
     wa, wb, wc = (load_file(str(tmp_path / f"{n}.safetensors")) for n in "abc")
     assert wa.keys() == wb.keys() and all(torch_equal(wa[k], wb[k]) for k in wa)
     assert not all(torch_equal(wa[k], wc[k]) for k in wa)
+    # --batch is part of the function: its value is recorded with the weights, and changes them
+    pretrain.main(tmp_path / "d.safetensors", seed=3, steps=2, pool=300, batch=8)
+    with safe_open(str(tmp_path / "d.safetensors"), "pt") as f:
+        assert f.metadata()["batch"] == "8"
+        assert not all(torch_equal(wa[k], f.get_tensor(k)) for k in wa)
 
 
 def torch_equal(x, y) -> bool:
