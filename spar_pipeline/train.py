@@ -224,10 +224,22 @@ def summary_line(report: dict, best_url: str) -> str:
 
 
 if __name__ == "__main__":  # `torchrun ... -m spar_pipeline.train -- --run URL ...`: each process runs `train`
+    import os
     import sys
 
     from spar_pipeline.cli import app
 
     argv = sys.argv[2:] if sys.argv[1:2] == ["--"] else sys.argv[1:]  # torchrun drops the `--`, python keeps it
-    app([*(["--verbose"] if "--verbose" in argv else []), "train", *(a for a in argv if a != "--verbose")],
-        prog_name="python -m spar_pipeline.train")
+    try:
+        app([*(["--verbose"] if "--verbose" in argv else []), "train", *(a for a in argv if a != "--verbose")],
+            prog_name="python -m spar_pipeline.train")
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    # Every checkpoint and report is written and the group left by now. Under load a gloo rank still aborted in
+    # the interpreter's teardown ("terminate called without an active exception": a C++ thread destroyed while
+    # joinable), failing a finished run; leave without that teardown.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)

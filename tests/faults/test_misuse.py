@@ -54,6 +54,7 @@ CASES: list[tuple[str, list[str], str]] = [
     ("pca_stride_0", ["pca", "{img}", "--stride", "0"], "'--stride': 0"),
     ("pretrain_steps_0", ["pretrain-mini", "--steps", "0"], "'--steps': 0"),
     ("pretrain_minutes_0", ["pretrain-mini", "--minutes", "0"], "--minutes 0.0: must be > 0"),
+    ("pretrain_batch_0", ["pretrain-mini", "--batch", "0"], "'--batch': 0"),
     ("max_id_negative", ["ingest", "{src}", "--run", "{new}", "--max-id", "-1"], "'--max-id': -1 is not allowed"),
     # closed sets, combinations
     ("eval_mode_unknown", ["evaluate", "--run", "{run}", "--mode", "fast"], "'fast' is not one of"),
