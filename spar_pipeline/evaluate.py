@@ -126,6 +126,10 @@ def run(run_dir: Run | None, datasets: dict[str, str], *, checkpoints: Sequence[
                     txt = text_of(name)  # before the student is built: the pretrained text tower
                     if model is None:
                         model = pretrained if paths[ck] is None else build(bname, paths[ck], device=dev)
+                        if paths[ck] == ck and _text_differs(pretrained, model):  # a file, not a student's name
+                            log.warning("evaluate %s: its text tower is not the pretrained model's, and every model is "
+                                        "scored against the pretrained model's text features; to evaluate another "
+                                        "pretrained model, make it the recipe's [recipe] checkpoint", label)
                         from_kept = _kept_passes(model, prefixes, depth)
                     shared = (from_kept, datasets[name]) if mode == "single" and from_kept is not None else None
                     row = _evaluate_one(model, label, bench, name, n, txt, cfg, mode, stride, scale,
@@ -356,6 +360,14 @@ def _scales(scales: Sequence[float]) -> list[float]:
     if not out:
         raise EvaluateError("no scale given; use --scale 1 for the recipe's evaluation size")
     return list(dict.fromkeys(out))
+
+
+def _text_differs(pretrained: Backbone, model: Backbone) -> bool:
+    """Whether ``model`` holds another text tower than ``pretrained``: a whole other pretrained model given as a
+    weights file, whose text features this stage would not read (a student's text tower is the pretrained one)."""
+    a, b = pretrained.text_params(), model.text_params()
+    return len(a) != len(b) or any(x.shape != y.shape or not torch.equal(x.detach().cpu(), y.detach().cpu())
+                                   for x, y in zip(a, b))
 
 
 def _labels(checkpoints: Sequence[str], paths: dict[str, str | None]) -> list[str]:

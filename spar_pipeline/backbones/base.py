@@ -87,6 +87,11 @@ class Backbone(nn.Module):
     def encode_text(self, prompts: list[str]) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def text_params(self) -> list[nn.Parameter]:
+        """The parameters outside the image tower (the text tower, the logit scale): a student never trains them.
+        None here, where the family loads its text tower apart (dino.txt)."""
+        return []
+
     # The single pass in parts, for families whose dense path runs its blocks one after another unchanged
     # (``dense(x) == finish(prefix(x, d))`` for 0 ≤ d ≤ split_limit()); the others keep 0 and are never split.
     def split_limit(self) -> int:

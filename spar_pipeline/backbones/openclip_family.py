@@ -28,6 +28,10 @@ class _OpenClipText:
         tokens = self.tokenizer(list(prompts)).to(device)
         return self.model.encode_text(tokens)
 
+    def text_params(self) -> list[nn.Parameter]:
+        vision = {id(p) for p in self.model.visual.parameters()}
+        return [p for p in self.model.parameters() if id(p) not in vision]
+
 
 class SiglipBackbone(_OpenClipText, Backbone):
     family = "siglip"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import logging
 import math
 from pathlib import Path
 
@@ -322,9 +323,11 @@ def test_scale_and_stride_sweep_rows_class_iou_and_a_rerun_does_only_missing_row
         evaluate.run(run, {"voc21": str(root)}, scales=[0.0], **sweep)
 
 
-def test_student_names_resolve_through_weights_and_unknown_ones_are_refused(tmp_path, tiny):
+def test_student_names_resolve_through_weights_and_unknown_ones_are_refused(tmp_path, tiny, caplog):
     """A student's name is its best epoch (label = the name; where it lives is Run.student's); a weights
-    file keeps its stem; an unknown name is one line listing the run's students, before any work."""
+    file keeps its stem; an unknown name is one line listing the run's students, before any work; a weights
+    file holding another text tower (another pretrained model) is scored, with a warning saying whose text
+    features it was scored against."""
     import shutil
 
     from safetensors.torch import save_file
@@ -360,6 +363,15 @@ def test_student_names_resolve_through_weights_and_unknown_ones_are_refused(tmp_
                         timing_size=(64, 128))
     assert [(r["model"], r["scale"], r["forward_height"]) for r in rows] == [("default", 0.5, 32), ("copy", 0.5, 32)]
     assert rows[0]["miou"] == rows[1]["miou"] and rows[0]["class_iou"] == rows[1]["class_iou"]  # the same weights
+    assert "text tower is not the pretrained model's" not in caplog.text  # a student's is the pretrained one
+
+    other = {k: v.clone() for k, v in state.items()}  # another pretrained model: its own text tower
+    other[next(k for k in other if k.startswith("model.text") or k.startswith("model.transformer"))] += 0.5
+    save_file(other, tmp_path / "other.safetensors")
+    with caplog.at_level(logging.WARNING, logger="spar_pipeline.evaluate"):
+        evaluate.run(run, {"voc20": str(data)}, checkpoints=[str(tmp_path / "other.safetensors")], scales=[0.5])
+    warned = [r.getMessage() for r in caplog.records if "text tower is not the pretrained model's" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("evaluate other:") and "[recipe] checkpoint" in warned[0]
 
 
 def test_v2_evaluate_manifest_is_refused_with_the_way_out(tmp_path):
