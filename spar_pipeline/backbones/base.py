@@ -88,8 +88,8 @@ class Backbone(nn.Module):
         raise NotImplementedError
 
     def text_params(self) -> list[nn.Parameter]:
-        """The parameters outside the image tower (the text tower, the logit scale): a student never trains them.
-        None here, where the family loads its text tower apart (dino.txt)."""
+        """The parameters outside the image tower (the text tower, the logit scale; a student trains them only with
+        "all"). None here, where the family loads its text tower apart (dino.txt)."""
         return []
 
     # The single pass in parts, for families whose dense path runs its blocks one after another unchanged
