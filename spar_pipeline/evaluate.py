@@ -126,7 +126,7 @@ def run(run_dir: Run | None, datasets: dict[str, str], *, checkpoints: Sequence[
                     txt = text_of(name)  # before the student is built: the pretrained text tower
                     if model is None:
                         model = pretrained if paths[ck] is None else build(bname, paths[ck], device=dev)
-                        if paths[ck] == ck and _text_differs(pretrained, model):  # a file, not a student's name
+                        if _is_file(ck, paths) and _text_differs(pretrained, model):  # not a student's name
                             log.warning("evaluate %s: its text tower is not the pretrained model's, and every model is "
                                         "scored against the pretrained model's text features; to evaluate another "
                                         "pretrained model, make it the recipe's [recipe] checkpoint", label)
@@ -365,17 +365,21 @@ def _scales(scales: Sequence[float]) -> list[float]:
 def _text_differs(pretrained: Backbone, model: Backbone) -> bool:
     """Whether ``model`` holds another text tower than ``pretrained``: a whole other pretrained model given as a
     weights file, whose text features this stage would not read (a student's text tower is the pretrained one)."""
-    a, b = pretrained.text_params(), model.text_params()
-    return len(a) != len(b) or any(x.shape != y.shape or not torch.equal(x.detach().cpu(), y.detach().cpu())
-                                   for x, y in zip(a, b))
+    a, b = pretrained.text_params(), model.text_params()  # both built on the stage's device
+    return len(a) != len(b) or not all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def _is_file(checkpoint: str, paths: dict[str, str | None]) -> bool:
+    """A checkpoint given as a weights file: it resolved to itself (a student's name resolves to its best file)."""
+    return paths[checkpoint] == checkpoint
 
 
 def _labels(checkpoints: Sequence[str], paths: dict[str, str | None]) -> list[str]:
     """Row labels: "pretrained", a student's name as given ("best" included), or a weights file's stem
-    (its full path when two stems clash). A checkpoint is a file when it resolved to itself."""
+    (its full path when two stems clash)."""
     if not checkpoints:
         raise EvaluateError("no checkpoint given; use pretrained, a student name or a weights file")
-    stems = [Path(c).stem if paths[c] == c else c for c in checkpoints]
+    stems = [Path(c).stem if _is_file(c, paths) else c for c in checkpoints]
     return [s if stems.count(s) == 1 else c for s, c in zip(stems, checkpoints)]
 
 
