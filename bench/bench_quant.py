@@ -128,7 +128,7 @@ def _read_ms(store, ids: list[int], repeats: int = 5) -> float:
 
 
 def main(quick: bool = False) -> dict:
-    from spar_pipeline import evaluate, manifest
+    from spar_pipeline import heldout, manifest
     from spar_pipeline.mini.scenes import make_scene_source
     from spar_pipeline.store import FeatureStore
     from spar_pipeline.weights import load_models
@@ -155,7 +155,7 @@ def main(quick: bool = False) -> dict:
                                    "student_float16": (runs["float16"], "best"),
                                    "student_int8": (runs["int8"], "best")}.items():
             _, model = load_models(None, ckpt, run, device="cpu", need_pretrained=False)
-            scores[label] = evaluate.feature_mse(model.eval(), runs["float16"])
+            scores[label] = heldout.feature_mse(model.eval(), runs["float16"])
     out = dict(
         quick=quick, backbone="mini-clip (shipped weights)", images=len(ids), epochs=epochs,
         map_shape_example=list(maps[ids[0]].shape), errors=errors,

@@ -214,7 +214,9 @@ def evaluate(
             raise OptionError(f"--scale {scale[0]:g} applies to benchmarks only; add --dataset NAME=PATH")
         r = open_run(run, recipe, storage_options) if run else None
         if not benchmarks:
-            for ck, mse in stage.heldout_mse(r, checkpoint, backbone=backbone):
+            from spar_pipeline.heldout import heldout_mse
+
+            for ck, mse in heldout_mse(r, checkpoint, backbone=backbone):
                 typer.echo(f"{ck:>12} held-out teacher MSE {mse:.6g}")
             return
         rows = stage.run(r, benchmarks, checkpoints=checkpoint, modes=modes, strides=stride or None,

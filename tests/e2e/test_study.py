@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from spar_pipeline import augment, evaluate, extract, ingest, manifest, split, train, weights
+from spar_pipeline import augment, extract, heldout, ingest, manifest, split, train, weights
 from spar_pipeline.backbones import build
 from spar_pipeline.checkpoint import Checkpointer
 from spar_pipeline.cli import app
@@ -111,7 +111,7 @@ def test_two_teachers_and_three_students_on_one_run_without_reextraction(prepare
     assert held[0] == held[1] and len(held[0]) >= 1  # one held-out slice for every student: val_mse compare
     a, b = (manifest.read_manifest(run.student(n), "train").to_pylist()[0]["val_mse"] for n in ("default", "on-s16"))
     assert a != b  # the s16 student learned other maps
-    held_mse = dict(evaluate.heldout_mse(run, ["default", "on-s16"]))  # each against the teacher it learned
+    held_mse = dict(heldout.heldout_mse(run, ["default", "on-s16"]))  # each against the teacher it learned
     assert held_mse["default"] == pytest.approx(a, rel=1e-4) and held_mse["on-s16"] == pytest.approx(b, rel=1e-4)
 
 

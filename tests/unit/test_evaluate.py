@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from spar_pipeline import evaluate, segment, timing
+from spar_pipeline import evaluate, heldout, segment, timing
 from spar_pipeline.datasets import make_synthetic
 from spar_pipeline.manifest import read_manifest
 from spar_pipeline.recipe import DatasetEval, load_recipe
@@ -182,9 +182,9 @@ def test_feature_mse_against_the_store(tmp_path, tiny):
             teacher = sliding_features(tiny, x, window=64, stride=24).numpy().astype(np.float16)
             store.write(i, teacher)
             want.append(float(((tiny.dense(x)[0] - torch.from_numpy(teacher.astype(np.float32))) ** 2).mean()))
-    mse = evaluate.feature_mse(tiny, run, ids)
+    mse = heldout.feature_mse(tiny, run, ids)
     assert 0 < mse == pytest.approx(sum(want) / len(want), rel=1e-5)
-    assert evaluate.feature_mse(tiny, run, ids[:1]) == pytest.approx(want[0], rel=1e-5)
+    assert heldout.feature_mse(tiny, run, ids[:1]) == pytest.approx(want[0], rel=1e-5)
 
 
 def test_forward_timing_is_the_papers_protocol(monkeypatch):
