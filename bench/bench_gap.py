@@ -14,6 +14,9 @@ figures in bench/NOTES.md. Writes bench/results/gap.json.
    lose what the windows give. Full mode also trains the student's two blocks on the windows' tokens
    after block 4 and, as the control, on the single pass's (``trained_tail``): how much of the lead
    two blocks recover when the frozen blocks do not drift.
+3. **Locality alone.** The pretrained single pass with every attention limited to a window's reach
+   (``local_dense``; no training), its position table stretched or tiled: how much of the lead is the
+   one pass's attention reaching past what a window sees.
 """
 
 from __future__ import annotations
@@ -72,15 +75,38 @@ def windows_then_one_pass(backbone, windowed: list[torch.Tensor], after: int, bl
     return _tail(t.blocks[after:] if blocks is None else blocks, t, windowed[after - 1])
 
 
-def _tail(blocks, trunk, tokens: torch.Tensor) -> torch.Tensor:
-    """``blocks`` then the trunk's final norm and the dense head over tokens [gh, gw, D], one pass."""
+def _tail(blocks, trunk, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``blocks`` (each attention limited by ``mask``, if given) then the trunk's final norm and the dense
+    head over tokens [gh, gw, D], one pass."""
     from spar_pipeline.backbones.openclip_family import attention_pool_bypass
 
     gh, gw = tokens.shape[:2]
     z = tokens.reshape(1, gh * gw, -1)
     for blk in blocks:
-        z = blk(z)
+        z = blk(z, attn_mask=mask)
     return attention_pool_bypass(trunk.attn_pool, trunk.norm(z)).reshape(gh, gw, -1).float()
+
+
+def local_dense(backbone, x: torch.Tensor, radius: int, tile: bool = False) -> torch.Tensor:
+    """Dense map [gh, gw, D] of one pass in which every block's token attends only to the tokens within
+    ``radius`` of it (a window's reach: radius K / 2P), the position table stretched over the image as
+    the single pass does, or with ``tile`` repeated at its native size so every neighbourhood sees the
+    positions a window does. Not a student: how much of the teacher's lead locality alone gives."""
+    t = backbone.trunk
+    p = backbone.prefix(x[:1], 0)
+    _, gh, gw = p.grid
+    tokens = p.tokens
+    if tile:  # swap the stretched table (prefix's) for the native one tiled; norm_pre must not mix them
+        assert isinstance(t.norm_pre, torch.nn.Identity), "tiling needs the table added last (no norm_pre)"
+        n = int(t.pos_embed.shape[1] ** 0.5)
+        table = t.pos_embed.reshape(1, n, n, -1).permute(0, 3, 1, 2).float()
+        stretched = F.interpolate(table, size=(gh, gw), mode="bicubic", align_corners=False)
+        tiled = table.repeat(1, 1, -(-gh // n), -(-gw // n))[..., :gh, :gw]
+        tokens = tokens + (tiled - stretched).permute(0, 2, 3, 1).reshape(1, gh * gw, -1).to(tokens.dtype)
+    yy, xx = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
+    yy, xx = yy.flatten(), xx.flatten()
+    mask = ((yy[:, None] - yy[None]).abs() <= radius) & ((xx[:, None] - xx[None]).abs() <= radius)
+    return _tail(t.blocks, t, tokens.reshape(gh, gw, -1), mask.to(tokens.device))
 
 
 def trained_tail(run_dir: str, epochs: int = 8, lr: float = 1e-4, seed: int = 0) -> dict:
@@ -171,7 +197,8 @@ def measure(run_dir: str, student: str = "default", n: int = 24, scale: float = 
     stu = build(recipe.recipe.backbone, resolve_checkpoint(run, student))
     emb, index = pre.class_embeddings(bench.class_lines, templates())
     size, ds = scaled(resize_scale("scenes", cfg), scale), cfg.datasets["scenes"]
-    maps = {"teacher": [], "pretrained": [], "student": []}
+    maps = {"teacher": [], "pretrained": [], "student": [], "local attention": [], "local attention, tiled table": []}
+    reach = pre.window // pre.patch_size // 2
     blocks = {"pretrained": None, "student": None}
     depth = len(pre.trunk.blocks)
     oracle: dict[int, list[torch.Tensor]] = {L: [] for L in (2, depth - 2, depth)}
@@ -182,6 +209,8 @@ def measure(run_dir: str, student: str = "default", n: int = 24, scale: float = 
         maps["teacher"].append(sliding_features(pre, x, window=pre.window, stride=stride, batch=64).float())
         maps["pretrained"].append(pre.dense(x)[0].float())
         maps["student"].append(stu.dense(x)[0].float())
+        maps["local attention"].append(local_dense(pre, x, reach))
+        maps["local attention, tiled table"].append(local_dense(pre, x, reach, tile=True))
         if i < n_blocks:
             crop = x[..., :x.shape[2] // pre.patch_size * pre.patch_size, :x.shape[3] // pre.patch_size * pre.patch_size]
             win = windowed_block_tokens(pre, crop)

@@ -135,6 +135,24 @@ def test_gap_bench_windows_at_token_level():
     assert all(err > 1e-4 * var for err, var in big[1:])  # attention over 60 tokens, not 16: the blocks differ
 
 
+def test_gap_bench_local_attention():
+    """bench gap's locality measure: a reach covering the whole image with the table stretched is the
+    single pass itself; a reach of one token is not; at the native size the tiled table is the table."""
+    import torch
+
+    from bench import bench_gap
+
+    b = common.backbone("tiny-siglip")
+    x = torch.randn(1, 3, 96, 160)
+    whole = bench_gap.local_dense(b, x, radius=100)
+    torch.testing.assert_close(whole, b.dense(x)[0].float(), atol=1e-4, rtol=1e-4)
+    assert (bench_gap.local_dense(b, x, radius=1) - whole).abs().max() > 1e-3
+    assert (bench_gap.local_dense(b, x, radius=100, tile=True) - whole).abs().max() > 1e-3  # other positions
+    native = torch.randn(1, 3, b.window, b.window)
+    torch.testing.assert_close(bench_gap.local_dense(b, native, radius=100, tile=True), b.dense(native)[0].float(),
+                               atol=1e-4, rtol=1e-4)
+
+
 def test_gap_bench_without_a_run_says_so(tmp_path, monkeypatch, results):
     from bench import bench_gap
 
