@@ -99,10 +99,8 @@ def local_dense(backbone, x: torch.Tensor, radius: int, tile: bool = False) -> t
     if tile:  # swap the stretched table (prefix's) for the native one tiled; norm_pre must not mix them
         assert isinstance(t.norm_pre, torch.nn.Identity), "tiling needs the table added last (no norm_pre)"
         n = int(t.pos_embed.shape[1] ** 0.5)
-        table = t.pos_embed.reshape(1, n, n, -1).permute(0, 3, 1, 2).float()
-        stretched = F.interpolate(table, size=(gh, gw), mode="bicubic", align_corners=False)
-        tiled = table.repeat(1, 1, -(-gh // n), -(-gw // n))[..., :gh, :gw]
-        tokens = tokens + (tiled - stretched).permute(0, 2, 3, 1).reshape(1, gh * gw, -1).to(tokens.dtype)
+        tiled = t.pos_embed.reshape(1, n, n, -1).repeat(1, -(-gh // n), -(-gw // n), 1)[:, :gh, :gw]
+        tokens = tokens + (tiled.reshape(1, gh * gw, -1) - backbone.position_grid(gh, gw)).to(tokens.dtype)
     yy, xx = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
     yy, xx = yy.flatten(), xx.flatten()
     mask = ((yy[:, None] - yy[None]).abs() <= radius) & ((xx[:, None] - xx[None]).abs() <= radius)

@@ -60,6 +60,16 @@ class SiglipBackbone(_OpenClipText, Backbone):
     def dense(self, x: torch.Tensor) -> torch.Tensor:
         return self.finish(self.prefix(x, 0))
 
+    def position_grid(self, gh: int, gw: int) -> torch.Tensor:
+        """The position table stretched to a gh × gw token grid, [1, gh·gw, D], as the single pass adds it.
+        It keeps the parameter's dtype, as timm and the reference add it: under fp16 autocast the float32
+        table promotes the fp16 patch tokens, so the residual stream stays float32 in every block."""
+        pos = self.trunk.pos_embed
+        n = int(math.isqrt(pos.shape[1]))
+        grid = pos.reshape(1, n, n, -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid.float(), size=(gh, gw), mode="bicubic", align_corners=False, antialias=False)
+        return grid.to(pos.dtype).permute(0, 2, 3, 1).reshape(1, gh * gw, -1)
+
     def prefix(self, x: torch.Tensor, depth: int) -> Partial:
         t = self.trunk
         B, _, H, W = x.shape
@@ -69,14 +79,7 @@ class SiglipBackbone(_OpenClipText, Backbone):
             x = F.pad(x, (0, gw * P - W, 0, gh * P - H))
         # contiguous tokens: a transposed stream made every LayerNorm copy it first (bench/bench_profile.py)
         tokens = t.patch_embed.proj(x).flatten(2).transpose(1, 2).contiguous()
-        tokens = t.patch_embed.norm(tokens)
-        pos = t.pos_embed
-        n = int(math.isqrt(pos.shape[1]))
-        grid = pos.reshape(1, n, n, -1).permute(0, 3, 1, 2)
-        grid = F.interpolate(grid.float(), size=(gh, gw), mode="bicubic", align_corners=False, antialias=False)
-        # The table keeps the parameter's dtype, as timm and the reference add it: under fp16 autocast the
-        # float32 table promotes the fp16 patch tokens, so the residual stream stays float32 in every block.
-        tokens = tokens + grid.to(pos.dtype).permute(0, 2, 3, 1).reshape(1, gh * gw, -1)
+        tokens = t.patch_embed.norm(tokens) + self.position_grid(gh, gw)
         tokens = t.norm_pre(t.patch_drop(t.pos_drop(tokens)))
         for blk in t.blocks[:depth]:
             tokens = blk(tokens)
