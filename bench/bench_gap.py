@@ -17,6 +17,11 @@ figures in bench/NOTES.md. Writes bench/results/gap.json.
 3. **Locality alone.** The pretrained single pass with every attention limited to a window's reach
    (``local_dense``; no training), its position table stretched or tiled: how much of the lead is the
    one pass's attention reaching past what a window sees.
+4. **What the store keeps of the teacher.** The windows' maps stitched four ways (``stitch_readouts``):
+   raw features on the token grid (the stored map, what the student regresses: its ceiling), unit
+   features on the token grid, and both at pixel level (unit there is ``evaluate``'s sliding teacher).
+   The share of the teacher's lead over the single pass the stored map keeps is the most of it any
+   student that learns the store can recover.
 """
 
 from __future__ import annotations
@@ -71,19 +76,18 @@ def windows_then_one_pass(backbone, windowed: list[torch.Tensor], after: int, bl
     """Dense map [gh, gw, D]: the windows' tokens after block ``after`` (1-based), then the remaining
     blocks (or ``blocks``), the final norm and the dense head in one pass over the image; ``after`` =
     depth is the windows all the way, at token level."""
-    t = backbone.trunk
-    return _tail(t.blocks[after:] if blocks is None else blocks, t, windowed[after - 1])
+    return _tail(backbone.trunk.blocks[after:] if blocks is None else blocks, backbone, windowed[after - 1])
 
 
-def _tail(blocks, trunk, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """``blocks`` (each attention limited by ``mask``, if given) then the trunk's final norm and the dense
-    head over tokens [gh, gw, D], one pass."""
+def _tail(blocks, backbone, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``blocks`` (each attention limited by ``mask``, if given) then ``backbone``'s final norm and dense
+    head over tokens [gh, gw, D], one pass (rotated, for a rotary trunk)."""
     from spar_pipeline.backbones.openclip_family import attention_pool_bypass
 
     gh, gw = tokens.shape[:2]
-    z = tokens.reshape(1, gh * gw, -1)
+    z, rope, trunk = tokens.reshape(1, gh * gw, -1), backbone.rotation(gh, gw), backbone.trunk
     for blk in blocks:
-        z = blk(z, attn_mask=mask)
+        z = backbone.run_block(blk, z, rope, mask)
     return attention_pool_bypass(trunk.attn_pool, trunk.norm(z)).reshape(gh, gw, -1).float()
 
 
@@ -97,6 +101,8 @@ def local_dense(backbone, x: torch.Tensor, radius: int, tile: bool = False) -> t
     _, gh, gw = p.grid
     tokens = p.tokens
     if tile:  # swap the stretched table (prefix's) for the native one tiled; norm_pre must not mix them
+        if t.pos_embed is None:
+            raise ValueError(f"local_dense: {backbone.name} has no position table to tile (rotary positions)")
         assert isinstance(t.norm_pre, torch.nn.Identity), "tiling needs the table added last (no norm_pre)"
         n = int(t.pos_embed.shape[1] ** 0.5)
         tiled = t.pos_embed.reshape(1, n, n, -1).repeat(1, -(-gh // n), -(-gw // n), 1)[:, :gh, :gw]
@@ -104,7 +110,43 @@ def local_dense(backbone, x: torch.Tensor, radius: int, tile: bool = False) -> t
     yy, xx = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
     yy, xx = yy.flatten(), xx.flatten()
     mask = ((yy[:, None] - yy[None]).abs() <= radius) & ((xx[:, None] - xx[None]).abs() <= radius)
-    return _tail(t.blocks, t, tokens.reshape(gh, gw, -1), mask.to(tokens.device))
+    return _tail(t.blocks, backbone, tokens.reshape(gh, gw, -1), mask.to(tokens.device))
+
+
+READOUTS = {"stored map (token grid, raw)": ("raw", False), "token grid, unit": ("unit", False),
+            "pixel level, raw": ("raw", True), "pixel level, unit (evaluate's sliding)": ("unit", True)}
+STORED, SLIDING = "stored map (token grid, raw)", "pixel level, unit (evaluate's sliding)"
+
+
+@torch.no_grad()
+def stitch_readouts(backbone, x: torch.Tensor, emb: torch.Tensor, stride: int, batch: int = 64) -> dict:
+    """Cosine maps of one image's K-pixel windows at ``stride`` for each of ``READOUTS``: features raw or
+    unit-length, averaged on the P/r grid then brought to the token grid ([Q, H/P, W/P], ``windows.Canvas``,
+    the paper's stitch) or upsampled ×P and averaged per pixel ([Q, H, W], ``segment.sliding_logits``)."""
+    from spar_pipeline.windows import Canvas, upsample, window_starts
+
+    _, _, H, W = x.shape
+    K, P = backbone.window, backbone.patch_size
+    boxes = [(t, l) for t in window_starts(H, K, stride) for l in window_starts(W, K, stride)]
+    D = backbone.dim
+    token = {n: Canvas(H, W, P, stride, D, x.device) for n in ("raw", "unit")}
+    pixel = {n: torch.zeros(D, H, W, device=x.device) for n in ("raw", "unit")}
+    count = torch.zeros(1, H, W, device=x.device)
+    for b in range(0, len(boxes), batch):
+        part = boxes[b:b + batch]
+        raw = backbone.dense(torch.stack([x[0, :, t:t + K, l:l + K] for t, l in part])).float().permute(0, 3, 1, 2)
+        for norm, f in (("raw", raw), ("unit", F.normalize(raw, dim=1))):
+            for (t, l), m, u in zip(part, upsample(f, token[norm].r), upsample(f, P)):
+                token[norm].add_upsampled(m, t, l)
+                pixel[norm][:, t:t + u.shape[1], l:l + u.shape[2]] += u
+        for t, l in part:
+            count[:, t:t + K, l:l + K] += 1  # slicing stops at the image's edge, as the windows do
+    out = {}
+    for name, (norm, at_pixels) in READOUTS.items():
+        f = pixel[norm] / count if at_pixels else token[norm].result().permute(2, 0, 1)
+        f = F.normalize(f, dim=0) if norm == "raw" else f  # unit features: the mean of the windows' cosines
+        out[name] = torch.einsum("dhw,qd->qhw", f, emb.to(f.device, torch.float32))
+    return out
 
 
 def trained_tail(run_dir: str, epochs: int = 8, lr: float = 1e-4, seed: int = 0) -> dict:
@@ -140,12 +182,12 @@ def trained_tail(run_dir: str, epochs: int = 8, lr: float = 1e-4, seed: int = 0)
         curve = []
         for _ in range(epochs):
             for j in torch.randperm(len(fit)).tolist():
-                loss = F.mse_loss(_tail(tail, pre.trunk, fit[j][inputs]), fit[j]["teacher"])
+                loss = F.mse_loss(_tail(tail, pre, fit[j][inputs]), fit[j]["teacher"])
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
             with torch.no_grad():
-                curve.append(sum(float(F.mse_loss(_tail(tail, pre.trunk, d[inputs]), d["teacher"])) for d in held) / len(held))
+                curve.append(sum(float(F.mse_loss(_tail(tail, pre, d[inputs]), d["teacher"])) for d in held) / len(held))
         out[inputs] = {"held_out_mse": curve, "tail": tail.eval()}
     return out
 
@@ -161,16 +203,28 @@ def divergence(single: list[torch.Tensor], windows: list[torch.Tensor]) -> list[
 
 
 def _miou_of(maps, bench, n, emb, index, ds) -> float:
+    """mIoU of dense maps [h, w, D] read as the single pass is."""
+    return _miou_of_cosines((torch.einsum("hwd,qd->qhw", F.normalize(f, dim=-1), emb) for f in maps), bench, n,
+                            index, ds)
+
+
+def _miou_of_cosines(cosines, bench, n, index, ds) -> float:
+    """mIoU of cosine maps [Q, h, w] at any resolution."""
     from spar_pipeline.metrics import SegMetric
-    from spar_pipeline.segment import postprocess
 
     metric = SegMetric(bench.num_classes)
-    for i, f in zip(range(n), maps):
+    for i, cos in zip(range(n), cosines):
         _, gt, _ = bench[i]
-        cos = torch.einsum("hwd,qd->qhw", F.normalize(f, dim=-1), emb)
-        cos = F.interpolate(cos[None], size=gt.shape[:2], mode="bilinear", align_corners=False)[0]
-        metric.update(postprocess(cos, index, ds).numpy(), gt)
+        metric.update(_labels(cos, gt, index, ds), gt)
     return float(metric.compute()["miou"])
+
+
+def _labels(cos: torch.Tensor, gt, index, ds):
+    """Cosine maps [Q, h, w] brought to the label's size and post-processed as ``evaluate`` does."""
+    from spar_pipeline.segment import postprocess
+
+    cos = F.interpolate(cos[None], size=gt.shape[:2], mode="bilinear", align_corners=False)[0]
+    return postprocess(cos, index, ds).numpy()
 
 
 @torch.no_grad()
@@ -181,6 +235,7 @@ def measure(run_dir: str, student: str = "default", n: int = 24, scale: float = 
     from spar_pipeline.backbones import build
     from spar_pipeline.datasets import get_dataset, resize_scale, templates
     from spar_pipeline.evaluate import scaled
+    from spar_pipeline.metrics import SegMetric
     from spar_pipeline.run import Run
     from spar_pipeline.segment import normalise, resize_image
     from spar_pipeline.weights import resolve_checkpoint
@@ -201,10 +256,13 @@ def measure(run_dir: str, student: str = "default", n: int = 24, scale: float = 
     depth = len(pre.trunk.blocks)
     oracle: dict[int, list[torch.Tensor]] = {L: [] for L in (2, depth - 2, depth)}
     tail_maps: dict[str, list[torch.Tensor]] = {k: [] for k in ("windows", "single")} if tails else {}
+    readouts = {name: SegMetric(bench.num_classes) for name in READOUTS}
     for i in range(n):
-        image, _, _ = bench[i]
+        image, gt, _ = bench[i]
         x = normalise(pre, resize_image(image, size))
         maps["teacher"].append(sliding_features(pre, x, window=pre.window, stride=stride, batch=64).float())
+        for name, cos in stitch_readouts(pre, x, emb, stride).items():
+            readouts[name].update(_labels(cos, gt, index, ds), gt)
         maps["pretrained"].append(pre.dense(x)[0].float())
         maps["student"].append(stu.dense(x)[0].float())
         maps["local attention"].append(local_dense(pre, x, reach))
@@ -218,7 +276,7 @@ def measure(run_dir: str, student: str = "default", n: int = 24, scale: float = 
             if tails:
                 cut = tails["after_block"]
                 tail_maps["windows"].append(windows_then_one_pass(pre, win, cut, tails["windows"]["tail"]))
-                tail_maps["single"].append(_tail(tails["single"]["tail"], pre.trunk, single["pretrained"][cut - 1][0]))
+                tail_maps["single"].append(_tail(tails["single"]["tail"], pre, single["pretrained"][cut - 1][0]))
             for name, tokens in single.items():
                 d = divergence(tokens, win)
                 blocks[name] = d if blocks[name] is None else [(a + c, b + e) for (a, b), (c, e) in zip(blocks[name], d)]
@@ -236,7 +294,11 @@ def measure(run_dir: str, student: str = "default", n: int = 24, scale: float = 
     after = {"0 (single pass)": _miou_of(maps["pretrained"][:k], bench, k, emb, index, ds)}
     after |= {str(L): _miou_of(fs, bench, k, emb, index, ds) for L, fs in oracle.items()}
     trained = {f"trained tail on {name} tokens": _miou_of(fs, bench, k, emb, index, ds) for name, fs in tail_maps.items()}
+    teacher = {name: float(m.compute()["miou"]) for name, m in readouts.items()}
+    single, stored, sliding = rows["pretrained"]["miou"], teacher[STORED], teacher[SLIDING]
+    kept = (stored - single) / (sliding - single) if sliding != single else float("nan")
     return {"run": run_dir, "student": student, "images": n, "scale": scale, "maps": rows,
+            "teacher_readouts": teacher, "stored_share_of_lead": kept,
             "block_error_share": share, "windows_up_to_block_miou": after | trained, "block_images": k}
 
 
@@ -261,6 +323,9 @@ def main(quick: bool = False) -> dict:
         r = measure(run_dir, student, n=8 if quick else 24, scale=scale, n_blocks=4 if quick else 16, tails=tails)
         print(f"scale {scale:g} ({r['images']} images): " + "; ".join(
             f"{k} mIoU {v['miou']:.2f} MSE {v['mse']:.4f}" for k, v in r["maps"].items()))
+        print("  the teacher's windows read four ways, mIoU: " + "; ".join(
+            f"{k} {v:.2f}" for k, v in r["teacher_readouts"].items())
+              + f"; the stored map keeps {100 * r['stored_share_of_lead']:.0f} % of the sliding teacher's lead")
         for name, share in r["block_error_share"].items():
             print(f"  {name}: share of the windows' token variance one pass gets wrong, per block: {share}")
         print("  the windows' tokens up to block L, then the pretrained blocks (or a trained tail) in one pass, mIoU: "

@@ -183,6 +183,8 @@ def _construct(name: str, spec: dict) -> Backbone:
             dim = model.visual.proj.shape[1]
             patch = model.visual.conv1.kernel_size[0]
         b = cls(name, model, spec["window"], spec["mean"], spec["std"], patch, dim)
+        if "rope" in spec:
+            b.use_rope(**spec["rope"])
         b.tokenizer = _tokenizer(spec, name)
         return b
     if family == "dinov3":

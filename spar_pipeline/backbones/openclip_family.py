@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from spar_pipeline.backbones.base import Backbone, Partial
 
-__all__ = ["SiglipBackbone", "MaskClipBackbone", "attention_pool_bypass"]
+__all__ = ["SiglipBackbone", "MaskClipBackbone", "RotaryBlock", "attention_pool_bypass"]
 
 
 class _OpenClipText:
@@ -37,6 +37,40 @@ class SiglipBackbone(_OpenClipText, Backbone):
     family = "siglip"
     qkv_keys = ("qkv",)
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.rope: nn.Module | None = None  # axial rotary positions (``use_rope``), or the trunk's position table
+
+    def use_rope(self, temperature: float) -> None:
+        """Rotary positions in token units in every trunk self-attention, for a trunk built without a position
+        table: an offset of d tokens is the same rotation at every image size, where a stretched table gives a
+        window fewer rows of positions the larger the image (bench/NOTES.md, "rotary positions"). timm's own
+        ``AttentionRope`` takes each block's weights unchanged (same names) and ``RotaryEmbeddingCat`` the grid."""
+        from timm.layers import AttentionRope, RotaryEmbeddingCat
+
+        t = self.trunk
+        if t.pos_embed is not None:
+            raise ValueError(f"{self.name}: rotary positions need a trunk without a position table (pos_embed none)")
+        for i, blk in enumerate(t.blocks):
+            old = blk.attn
+            rotary = AttentionRope(old.qkv.in_features, old.num_heads, qkv_bias=old.qkv.bias is not None,
+                                   num_prefix_tokens=t.num_prefix_tokens, attn_drop=old.attn_drop.p,
+                                   proj_drop=old.proj_drop.p)
+            rotary.load_state_dict(old.state_dict())  # also checks that nothing (q/k norms, gates) is left out
+            t.blocks[i] = RotaryBlock(blk, rotary)
+        self.rope = RotaryEmbeddingCat(t.blocks[0].attn.head_dim, temperature=temperature, in_pixels=False)
+
+    def rotation(self, gh: int, gw: int) -> torch.Tensor | None:
+        """The rotary embedding of a gh × gw token grid (None without rotary positions)."""
+        return None if self.rope is None else self.rope.get_embed([gh, gw])
+
+    @staticmethod
+    def run_block(blk: nn.Module, x: torch.Tensor, rope: torch.Tensor | None = None,
+                  attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """One trunk block, called as a module (forward hooks see it), with the rotation when there is one."""
+        kwargs = {k: v for k, v in (("rope", rope), ("attn_mask", attn_mask)) if v is not None}
+        return blk(x, **kwargs)
+
     @property
     def trunk(self) -> nn.Module:
         return self.model.visual.trunk
@@ -55,7 +89,7 @@ class SiglipBackbone(_OpenClipText, Backbone):
 
     def embed_params(self):
         t = self.trunk
-        return [*t.patch_embed.parameters(), t.pos_embed, *t.norm_pre.parameters()]
+        return [*t.patch_embed.parameters(), *([] if t.pos_embed is None else [t.pos_embed]), *t.norm_pre.parameters()]
 
     def dense(self, x: torch.Tensor) -> torch.Tensor:
         return self.finish(self.prefix(x, 0))
@@ -65,6 +99,8 @@ class SiglipBackbone(_OpenClipText, Backbone):
         It keeps the parameter's dtype, as timm and the reference add it: under fp16 autocast the float32
         table promotes the fp16 patch tokens, so the residual stream stays float32 in every block."""
         pos = self.trunk.pos_embed
+        if pos is None:
+            raise ValueError(f"{self.name}: no position table (its positions are rotary)")
         n = int(math.isqrt(pos.shape[1]))
         grid = pos.reshape(1, n, n, -1).permute(0, 3, 1, 2)
         grid = F.interpolate(grid.float(), size=(gh, gw), mode="bicubic", align_corners=False, antialias=False)
@@ -79,18 +115,42 @@ class SiglipBackbone(_OpenClipText, Backbone):
             x = F.pad(x, (0, gw * P - W, 0, gh * P - H))
         # contiguous tokens: a transposed stream made every LayerNorm copy it first (bench/bench_profile.py)
         tokens = t.patch_embed.proj(x).flatten(2).transpose(1, 2).contiguous()
-        tokens = t.patch_embed.norm(tokens) + self.position_grid(gh, gw)
+        tokens = t.patch_embed.norm(tokens)
+        if t.pos_embed is not None:
+            tokens = tokens + self.position_grid(gh, gw)
         tokens = t.norm_pre(t.patch_drop(t.pos_drop(tokens)))
+        rope = self.rotation(gh, gw)
         for blk in t.blocks[:depth]:
-            tokens = blk(tokens)
+            tokens = self.run_block(blk, tokens, rope)
         return Partial(tokens, depth, (B, gh, gw))
 
     def finish(self, p: Partial) -> torch.Tensor:
+        return attention_pool_bypass(self.trunk.attn_pool, self.final_tokens(p)).reshape(*p.grid, -1)
+
+    def final_tokens(self, p: Partial) -> torch.Tensor:
+        """The trunk's normed last-block tokens [B, N, D] (what timm's ``forward_features`` returns)."""
         t = self.trunk
-        tokens = p.tokens
+        tokens, rope = p.tokens, self.rotation(*p.grid[1:])
         for blk in t.blocks[p.depth:]:
-            tokens = blk(tokens)
-        return attention_pool_bypass(t.attn_pool, t.norm(tokens)).reshape(*p.grid, -1)
+            tokens = self.run_block(blk, tokens, rope)
+        return t.norm(tokens)
+
+
+class RotaryBlock(nn.Module):
+    """A timm ``Block`` whose attention takes the rotation (timm's ``Block.forward`` has no argument for it):
+    the block's own parts under their own names, so a state dict fits both."""
+
+    def __init__(self, blk: nn.Module, attn: nn.Module):
+        super().__init__()
+        self.norm1, self.attn, self.ls1, self.drop_path1 = blk.norm1, attn, blk.ls1, blk.drop_path1
+        self.norm2, self.mlp, self.ls2, self.drop_path2 = blk.norm2, blk.mlp, blk.ls2, blk.drop_path2
+        if set(self.state_dict()) != set(blk.state_dict()):
+            raise ValueError(f"RotaryBlock: timm's Block has parts it does not run: {sorted(blk.state_dict())[:4]}")
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), rope=rope, attn_mask=attn_mask)))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
 def attention_pool_bypass(pool: nn.Module, tokens: torch.Tensor) -> torch.Tensor:

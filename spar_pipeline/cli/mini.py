@@ -22,6 +22,8 @@ def pretrain_mini(
                    "A capped run is not the shipped reference."),
     threads: int = Count(2, help="CPU threads."),
     batch: Optional[int] = Count(None, help="Scene-caption pairs per step (default: the shipped weights' batch)."),
+    backbone: str = typer.Option("mini-clip", help="mini-clip (a position table, shipped) or mini-clip-rope "
+                                                   "(rotary positions in token units, not shipped yet)."),
 ) -> None:
     """Pretrain mini-clip, the miniature world's CLIP-style model, on generated scene-caption pairs.
 
@@ -33,10 +35,12 @@ def pretrain_mini(
 
         if minutes is not None and minutes <= 0:
             raise OptionError(f"--minutes {minutes}: must be > 0")
+        if backbone not in stage.BACKBONES:
+            raise OptionError(f"--backbone {backbone!r}: pretrain-mini trains one of {', '.join(stage.BACKBONES)}")
 
         rep = stage.main(out, seed, stage.MINUTES if minutes is None else minutes,
                          stage.DEFAULT_STEPS if steps is None else steps, threads,
-                         batch=stage.BATCH if batch is None else batch)
+                         batch=stage.BATCH if batch is None else batch, backbone=backbone)
         typer.echo(f"pretrain-mini: {rep['steps']} steps, loss {rep['loss']}, {rep['seconds']} s -> {rep['out']}")
 
 

@@ -32,10 +32,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["main", "DEFAULT_STEPS", "BATCH", "POOL", "MINUTES"]
+__all__ = ["main", "DEFAULT_STEPS", "BATCH", "POOL", "MINUTES", "BACKBONES"]
 
 log = logging.getLogger(__name__)
 
+BACKBONES = ("mini-clip", "mini-clip-rope")  # the same model with a position table, or with rotary positions
 DEFAULT_STEPS = 8000  # the shipped weights' step count
 BATCH = 128  # the shipped weights' pairs a step (256 for half the steps was worse: bench/NOTES.md)
 POOL = 100000  # distinct training scenes, generated once and flipped at random
@@ -105,13 +106,14 @@ def _phrases() -> list[str]:
     return list(BACKGROUNDS) + CLASS_LINES[1:]
 
 
-def _image_and_dense(model, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _image_and_dense(b, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One trunk pass: the pooled image embedding (open_clip's encode_image) and the dense tokens the
-    pipeline reads (the attention-pool bypass of ``SiglipBackbone.dense``), [B, N, D]."""
+    pipeline reads (the attention-pool bypass of ``SiglipBackbone.dense``), [B, N, D]. A rotary trunk runs
+    the backbone's own blocks (timm's ``forward_features`` would not rotate)."""
     from spar_pipeline.backbones.openclip_family import attention_pool_bypass
 
-    t = model.visual.trunk
-    tokens = t.forward_features(x)
+    t = b.trunk
+    tokens = t.forward_features(x) if b.rope is None else b.final_tokens(b.prefix(x, 0))
     return t.forward_head(tokens), attention_pool_bypass(t.attn_pool, tokens)
 
 
@@ -122,19 +124,20 @@ def _lr(step: int, steps: int) -> float:
 
 
 def main(out: str | Path = "mini-clip.safetensors", seed: int = 0, minutes: float = MINUTES,
-         steps: int = DEFAULT_STEPS, threads: int = 2, pool: int = POOL, batch: int = BATCH) -> dict:
-    """Train mini-clip for ``steps`` steps of ``batch`` pairs drawn from ``pool`` generated scenes
-    (stopping early past ``minutes``) and write the weights to ``out``. Returns a small report (steps,
-    loss, seconds, capped)."""
+         steps: int = DEFAULT_STEPS, threads: int = 2, pool: int = POOL, batch: int = BATCH,
+         backbone: str = "mini-clip") -> dict:
+    """Train mini-clip (or ``backbone``, another spec of its kind: mini-clip-rope) for ``steps`` steps of
+    ``batch`` pairs drawn from ``pool`` generated scenes (stopping early past ``minutes``) and write the weights
+    to ``out``. Returns a small report (steps, loss, seconds, capped)."""
     from safetensors.torch import save_file
 
     from spar_pipeline.backbones import _construct, get_spec
     from spar_pipeline.datasets import templates
 
     torch.set_num_threads(threads)
-    spec = get_spec("mini-clip")
+    spec = get_spec(backbone)
     torch.manual_seed(seed)
-    b = _construct("mini-clip", spec)  # same open_clip path as build(), random init
+    b = _construct(backbone, spec)  # same open_clip path as build(), random init
     model, K = b.model.train(), b.window
     t0 = time.perf_counter()
     images, under, base = _pool(seed, pool, K, b.patch_size)
@@ -163,7 +166,7 @@ def main(out: str | Path = "mini-clip.safetensors", seed: int = 0, minutes: floa
         target[flip] = target[flip].flip(-1)
         for group in opt.param_groups:
             group["lr"] = _lr(step, steps)
-        pooled, dense = _image_and_dense(model, x)
+        pooled, dense = _image_and_dense(b, x)
         img = F.normalize(pooled, dim=-1)
         texts = torch.cat([tokens[idx], neg_tokens[idx]])  # the batch's captions, then their hard negatives
         txt = F.normalize(model.encode_text(texts), dim=-1)
@@ -192,8 +195,9 @@ def main(out: str | Path = "mini-clip.safetensors", seed: int = 0, minutes: floa
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in b.state_dict().items()}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(out), metadata={"seed": str(seed), "steps": str(step), "batch": str(batch),
-                                         "pool": str(pool), "command": "spar-pipeline pretrain-mini"})
+    save_file(state, str(out), metadata={"backbone": backbone, "seed": str(seed), "steps": str(step),
+                                         "batch": str(batch), "pool": str(pool),
+                                         "command": "spar-pipeline pretrain-mini"})
     report = dict(steps=step, loss=round(loss_avg, 4), seconds=round(time.perf_counter() - t0, 1),
                   capped=step < steps, out=str(out))
     log.info("pretrain-mini: %s", report)

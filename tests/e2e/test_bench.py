@@ -153,6 +153,30 @@ def test_gap_bench_local_attention():
                                atol=1e-4, rtol=1e-4)
 
 
+def test_gap_bench_teacher_readouts():
+    """bench gap's four readouts of the teacher's windows: the token-grid map of raw features is the stored
+    map (``windows.sliding_features``), the pixel-level one of unit features is ``evaluate``'s sliding
+    teacher (``segment.sliding_logits``); the other two differ from both."""
+    import torch
+    import torch.nn.functional as F
+
+    from bench import bench_gap
+    from spar_pipeline.segment import sliding_logits
+    from spar_pipeline.windows import sliding_features
+
+    b = common.backbone("tiny-siglip")
+    x, stride = torch.randn(1, 3, 96, 160), 24  # r = 2 at patch 16, as the paper's
+    emb = F.normalize(torch.randn(5, b.dim), dim=-1)
+    out = bench_gap.stitch_readouts(b, x, emb, stride, batch=7)
+    stored = torch.einsum("hwd,qd->qhw", F.normalize(sliding_features(b, x, b.window, stride), dim=-1), emb)
+    torch.testing.assert_close(out[bench_gap.STORED], stored, atol=1e-5, rtol=1e-5)
+    sliding = sliding_logits(b, x, emb, (96, 160), stride)
+    torch.testing.assert_close(out[bench_gap.SLIDING], sliding, atol=1e-5, rtol=1e-5)
+    assert out["token grid, unit"].shape == stored.shape and out["pixel level, raw"].shape == sliding.shape
+    assert (out["token grid, unit"] - stored).abs().max() > 1e-4
+    assert (out["pixel level, raw"] - sliding).abs().max() > 1e-4
+
+
 def test_gap_bench_without_a_run_says_so(tmp_path, monkeypatch, results):
     from bench import bench_gap
 

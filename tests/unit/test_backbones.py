@@ -53,7 +53,8 @@ ALL = [_param(n) for n in list_backbones()]
 
 
 def test_registry():
-    assert set(list_backbones()) == set(TINY) | set(REAL) | {"mini-clip"}  # mini-clip: tests/unit/test_mini_world.py
+    # mini-clip: tests/unit/test_mini_world.py; mini-clip-rope: tests/unit/test_rope.py
+    assert set(list_backbones()) == set(TINY) | set(REAL) | {"mini-clip", "mini-clip-rope"}
     with pytest.raises(ValueError, match="available: .*tiny-siglip"):
         build("no-such-backbone")
 
@@ -189,8 +190,8 @@ def test_set_trainable_every_option(name):
     b = _get(name)
     try:
         for option in OPTIONS:
-            if option == "posembed" and name == "dinov3txt-l16":
-                with pytest.raises(ValueError, match="posembed.*dinov3txt-l16"):
+            if option == "posembed" and name in ("dinov3txt-l16", "mini-clip-rope"):
+                with pytest.raises(ValueError, match=f"posembed.*{name}"):
                     b.set_trainable(option)  # RoPE: there is no position parameter to train
                 continue
             n = b.set_trainable(option)
