@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from spar_pipeline.backbones.base import Backbone, Partial
+from spar_pipeline.errors import BackboneError
 
 __all__ = ["SiglipBackbone", "MaskClipBackbone", "RotaryBlock", "attention_pool_bypass"]
 
@@ -50,7 +51,7 @@ class SiglipBackbone(_OpenClipText, Backbone):
 
         t = self.trunk
         if t.pos_embed is not None:
-            raise ValueError(f"{self.name}: rotary positions need a trunk without a position table (pos_embed none)")
+            raise BackboneError(f"{self.name}: rotary positions need a trunk without a position table (pos_embed none)")
         for i, blk in enumerate(t.blocks):
             old = blk.attn
             rotary = AttentionRope(old.qkv.in_features, old.num_heads, qkv_bias=old.qkv.bias is not None,
@@ -89,7 +90,8 @@ class SiglipBackbone(_OpenClipText, Backbone):
 
     def embed_params(self):
         t = self.trunk
-        return [*t.patch_embed.parameters(), *([] if t.pos_embed is None else [t.pos_embed]), *t.norm_pre.parameters()]
+        table = [] if t.pos_embed is None else [t.pos_embed]
+        return [*t.patch_embed.parameters(), *table, *t.norm_pre.parameters()]
 
     def dense(self, x: torch.Tensor) -> torch.Tensor:
         return self.finish(self.prefix(x, 0))
@@ -100,7 +102,7 @@ class SiglipBackbone(_OpenClipText, Backbone):
         table promotes the fp16 patch tokens, so the residual stream stays float32 in every block."""
         pos = self.trunk.pos_embed
         if pos is None:
-            raise ValueError(f"{self.name}: no position table (its positions are rotary)")
+            raise BackboneError(f"{self.name}: no position table (its positions are rotary)")
         n = int(math.isqrt(pos.shape[1]))
         grid = pos.reshape(1, n, n, -1).permute(0, 3, 1, 2)
         grid = F.interpolate(grid.float(), size=(gh, gw), mode="bicubic", align_corners=False, antialias=False)
@@ -145,7 +147,7 @@ class RotaryBlock(nn.Module):
         self.norm1, self.attn, self.ls1, self.drop_path1 = blk.norm1, attn, blk.ls1, blk.drop_path1
         self.norm2, self.mlp, self.ls2, self.drop_path2 = blk.norm2, blk.mlp, blk.ls2, blk.drop_path2
         if set(self.state_dict()) != set(blk.state_dict()):
-            raise ValueError(f"RotaryBlock: timm's Block has parts it does not run: {sorted(blk.state_dict())[:4]}")
+            raise BackboneError(f"RotaryBlock: timm's Block has parts it does not run: {sorted(blk.state_dict())[:4]}")
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None,
                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -16,14 +16,15 @@ from spar_pipeline.errors import OptionError
 def pretrain_mini(
     out: str = typer.Option("mini-clip.safetensors", "--out", help="Where the safetensors weights go."),
     seed: int = typer.Option(0, help="Seed of the scenes and the model (the shipped weights: 0)."),
-    steps: Optional[int] = Count(None, help="Contrastive steps (default: the shipped weights' count)."),
+    steps: Optional[int] = Count(None, help="Contrastive steps (default: the shipped weights' count, 8000 for "
+                                            "mini-clip, 7000 for mini-clip-rope)."),
     minutes: Optional[float] = typer.Option(
         None, help="Wall-time cap in minutes (> 0; default: well above the reference run's). "
                    "A capped run is not the shipped reference."),
     threads: int = Count(2, help="CPU threads."),
     batch: Optional[int] = Count(None, help="Scene-caption pairs per step (default: the shipped weights' batch)."),
-    backbone: str = typer.Option("mini-clip", help="mini-clip (a position table, shipped) or mini-clip-rope "
-                                                   "(rotary positions in token units, not shipped yet)."),
+    backbone: str = typer.Option("mini-clip", help="mini-clip (a learned position table) or mini-clip-rope "
+                                                   "(rotary positions in token units)."),
 ) -> None:
     """Pretrain mini-clip, the miniature world's CLIP-style model, on generated scene-caption pairs.
 
@@ -35,11 +36,11 @@ def pretrain_mini(
 
         if minutes is not None and minutes <= 0:
             raise OptionError(f"--minutes {minutes}: must be > 0")
-        if backbone not in stage.BACKBONES:
-            raise OptionError(f"--backbone {backbone!r}: pretrain-mini trains one of {', '.join(stage.BACKBONES)}")
+        if backbone not in stage.SHIPPED_STEPS:
+            raise OptionError(f"--backbone {backbone!r}: pretrain-mini trains one of {', '.join(stage.SHIPPED_STEPS)}")
 
         rep = stage.main(out, seed, stage.MINUTES if minutes is None else minutes,
-                         stage.DEFAULT_STEPS if steps is None else steps, threads,
+                         stage.SHIPPED_STEPS[backbone] if steps is None else steps, threads,
                          batch=stage.BATCH if batch is None else batch, backbone=backbone)
         typer.echo(f"pretrain-mini: {rep['steps']} steps, loss {rep['loss']}, {rep['seconds']} s -> {rep['out']}")
 

@@ -22,8 +22,8 @@ MINI_TARS, MINI_PER_TAR, MINI_BENCH = 4, 16, 96  # the miniature world's source 
 
 
 def is_mini(run: Run) -> bool:
-    """The run is the miniature world's: its model is mini-clip."""
-    return run.recipe.recipe.backbone == "mini-clip"
+    """The run is the miniature world's: its model is mini-clip (with a position table or rotary positions)."""
+    return run.recipe.recipe.backbone in ("mini-clip", "mini-clip-rope")
 
 
 def generates_source(run: Run) -> bool:

@@ -89,7 +89,8 @@ def test_mini_recipe_ingests_scene_tars(tmp_path):
     assert all(min(r["height"], r["width"]) >= 64 for r in rows)
 
 
-def test_shipped_weights_load_offline_and_beat_chance(tmp_path):
+@pytest.mark.parametrize("name", ["mini-clip", "mini-clip-rope"])
+def test_shipped_weights_load_offline_and_beat_chance(tmp_path, name):
     import torch
 
     from spar_pipeline import evaluate
@@ -99,13 +100,15 @@ def test_shipped_weights_load_offline_and_beat_chance(tmp_path):
     from spar_pipeline.recipe import load_recipe
 
     torch.set_num_threads(2)
-    assert ASSET.is_file() and ASSET.stat().st_size <= 20 << 20  # issue 21's budget for weights in the package
-    b = build("mini-clip")
+    shipped = sorted(ASSET.parent.glob("*.safetensors"))
+    assert ASSET.with_name(f"{name}.safetensors") in shipped
+    assert sum(f.stat().st_size for f in shipped) <= 20 << 20  # issue 21's budget for weights in the package
+    b = build(name)
     assert (b.patch_size, b.window, b.dim) == (8, 64, 96)
     from spar_pipeline.backbones import _construct, get_spec
 
     torch.manual_seed(0)
-    assert b.weights_digest != _construct("mini-clip", get_spec("mini-clip")).weights_digest  # not random init
+    assert b.weights_digest != _construct(name, get_spec(name)).weights_digest  # not random init
 
     make_scene_benchmark(tmp_path, n=24, seed=77, sizes=[(256, 192)])  # resized to (128, 96): objects 32–50 px
     recipe = load_recipe("mini")

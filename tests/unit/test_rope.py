@@ -72,8 +72,22 @@ def test_rotary_pretraining_is_a_pure_function_of_its_seed_and_loads(tmp_path):
     with safe_open(str(tmp_path / "a.safetensors"), "pt") as f:
         assert f.metadata()["backbone"] == "mini-clip-rope"
     b = build("mini-clip-rope", checkpoint=str(tmp_path / "a.safetensors"))
-    fresh = build("mini-clip-rope")
-    moved = [k for k in wa if not torch.equal(wa[k], fresh.state_dict()[k].to(wa[k].dtype))]
-    assert any(".attn.qkv." in k for k in moved)  # trained through the rotary attention
+    pretrain.main(tmp_path / "init.safetensors", seed=3, steps=0, pool=300, batch=8, backbone="mini-clip-rope")
+    init = load_file(str(tmp_path / "init.safetensors"))
+    assert any(not torch.equal(wa[k], init[k]) for k in wa if ".attn.qkv." in k)  # trained through the rotation
     with torch.no_grad():
         assert b.dense(torch.randn(1, 3, 128, 96)).shape == (1, 16, 12, b.dim)
+
+
+def test_the_rotary_recipe_is_the_miniature_worlds(tmp_path):
+    """`run --recipe mini-rope` with nothing to read makes the mini world's scene tars and benchmark, as `mini`
+    does (not the tiny recipes' generic images)."""
+    from spar_pipeline.mini import demo
+    from spar_pipeline.run import Run
+
+    for name, mini in (("mini-rope", True), ("mini", True), ("tiny-cpu", False)):
+        run = Run(str(tmp_path / name))
+        run.resolve_recipe(name)
+        assert demo.generates_source(run) and demo.is_mini(run) is mini, name
+    run = Run(str(tmp_path / "mini-rope"))
+    assert run.recipe.recipe.backbone == "mini-clip-rope" and tuple(run.recipe.augment.scale) == (512, 384)
