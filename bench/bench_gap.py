@@ -250,7 +250,9 @@ def measure(run_dir: str, student: str = "default", n: int = 24, scale: float = 
     stu = build(recipe.recipe.backbone, resolve_checkpoint(run, student))
     emb, index = pre.class_embeddings(bench.class_lines, templates())
     size, ds = scaled(resize_scale("scenes", cfg), scale), cfg.datasets["scenes"]
-    maps = {"teacher": [], "pretrained": [], "student": [], "local attention": [], "local attention, tiled table": []}
+    maps = {"teacher": [], "pretrained": [], "student": [], "local attention": []}
+    if pre.trunk.pos_embed is not None:  # a rotary model has no table to tile
+        maps["local attention, tiled table"] = []
     reach = pre.window // pre.patch_size // 2
     blocks = {"pretrained": None, "student": None}
     depth = len(pre.trunk.blocks)
@@ -266,7 +268,8 @@ def measure(run_dir: str, student: str = "default", n: int = 24, scale: float = 
         maps["pretrained"].append(pre.dense(x)[0].float())
         maps["student"].append(stu.dense(x)[0].float())
         maps["local attention"].append(local_dense(pre, x, reach))
-        maps["local attention, tiled table"].append(local_dense(pre, x, reach, tile=True))
+        if "local attention, tiled table" in maps:
+            maps["local attention, tiled table"].append(local_dense(pre, x, reach, tile=True))
         if i < n_blocks:
             crop = x[..., :x.shape[2] // pre.patch_size * pre.patch_size, :x.shape[3] // pre.patch_size * pre.patch_size]
             win = windowed_block_tokens(pre, crop)
