@@ -119,10 +119,12 @@ STORED, SLIDING = "stored map (token grid, raw)", "pixel level, unit (evaluate's
 
 
 @torch.no_grad()
-def stitch_readouts(backbone, x: torch.Tensor, emb: torch.Tensor, stride: int, batch: int = 64) -> dict:
+def stitch_readouts(backbone, x: torch.Tensor, emb: torch.Tensor, stride: int,
+                    batch: int = 64) -> tuple[dict, torch.Tensor]:
     """Cosine maps of one image's K-pixel windows at ``stride`` for each of ``READOUTS``: features raw or
     unit-length, averaged on the P/r grid then brought to the token grid ([Q, H/P, W/P], ``windows.Canvas``,
-    the paper's stitch) or upsampled ×P and averaged per pixel ([Q, H, W], ``segment.sliding_logits``)."""
+    the paper's stitch) or upsampled ×P and averaged per pixel ([Q, H, W], ``segment.sliding_logits``); and the
+    stored map itself [H/P, W/P, D] (``windows.sliding_features``'), so a caller runs the windows once."""
     from spar_pipeline.windows import Canvas, upsample, window_starts
 
     _, _, H, W = x.shape
@@ -141,12 +143,12 @@ def stitch_readouts(backbone, x: torch.Tensor, emb: torch.Tensor, stride: int, b
                 pixel[norm][:, t:t + u.shape[1], l:l + u.shape[2]] += u
         for t, l in part:
             count[:, t:t + K, l:l + K] += 1  # slicing stops at the image's edge, as the windows do
-    out = {}
+    out, stored = {}, token["raw"].result()
     for name, (norm, at_pixels) in READOUTS.items():
         f = pixel[norm] / count if at_pixels else token[norm].result().permute(2, 0, 1)
         f = F.normalize(f, dim=0) if norm == "raw" else f  # unit features: the mean of the windows' cosines
         out[name] = torch.einsum("dhw,qd->qhw", f, emb.to(f.device, torch.float32))
-    return out
+    return out, stored
 
 
 def trained_tail(run_dir: str, epochs: int = 8, lr: float = 1e-4, seed: int = 0) -> dict:
@@ -239,7 +241,6 @@ def measure(run_dir: str, student: str = "default", n: int = 24, scale: float = 
     from spar_pipeline.run import Run
     from spar_pipeline.segment import normalise, resize_image
     from spar_pipeline.weights import resolve_checkpoint
-    from spar_pipeline.windows import sliding_features
 
     run = Run(run_dir)
     recipe = run.recipe
@@ -262,8 +263,9 @@ def measure(run_dir: str, student: str = "default", n: int = 24, scale: float = 
     for i in range(n):
         image, gt, _ = bench[i]
         x = normalise(pre, resize_image(image, size))
-        maps["teacher"].append(sliding_features(pre, x, window=pre.window, stride=stride, batch=64).float())
-        for name, cos in stitch_readouts(pre, x, emb, stride).items():
+        cosines, stored = stitch_readouts(pre, x, emb, stride)
+        maps["teacher"].append(stored)
+        for name, cos in cosines.items():
             readouts[name].update(_labels(cos, gt, index, ds), gt)
         maps["pretrained"].append(pre.dense(x)[0].float())
         maps["student"].append(stu.dense(x)[0].float())

@@ -167,8 +167,9 @@ def test_gap_bench_teacher_readouts():
     b = common.backbone("tiny-siglip")
     x, stride = torch.randn(1, 3, 96, 160), 24  # r = 2 at patch 16, as the paper's
     emb = F.normalize(torch.randn(5, b.dim), dim=-1)
-    out = bench_gap.stitch_readouts(b, x, emb, stride, batch=7)
-    stored = torch.einsum("hwd,qd->qhw", F.normalize(sliding_features(b, x, b.window, stride), dim=-1), emb)
+    out, stored_map = bench_gap.stitch_readouts(b, x, emb, stride, batch=7)
+    torch.testing.assert_close(stored_map, sliding_features(b, x, b.window, stride), atol=1e-5, rtol=1e-5)
+    stored = torch.einsum("hwd,qd->qhw", F.normalize(stored_map, dim=-1), emb)
     torch.testing.assert_close(out[bench_gap.STORED], stored, atol=1e-5, rtol=1e-5)
     sliding = sliding_logits(b, x, emb, (96, 160), stride)
     torch.testing.assert_close(out[bench_gap.SLIDING], sliding, atol=1e-5, rtol=1e-5)
